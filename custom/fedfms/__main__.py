@@ -1,0 +1,5 @@
+import sys
+
+from fedfms.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The ``fedfms`` command: synthesise, prepare and partition data.
+
+Exit codes: 0 success; 2 bad input or arguments (the message names the file and the problem);
+3 ``prepare --on-error skip`` finished but skipped files (listed in the summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from fedfms.errors import DataError
+
+EXIT_BAD_INPUT = 2
+EXIT_SKIPPED = 3
+
+
+def _synth_prostate(args: argparse.Namespace) -> int:
+    from fedfms.data.synthetic import synthesize_prostate
+
+    sites: int | list[str] = int(args.sites[0]) if len(args.sites) == 1 and args.sites[0].isdigit() else args.sites
+    pairs = synthesize_prostate(args.out, sites=sites, cases_per_site=args.cases_per_site, seed=args.seed, shape=args.shape)
+    site_names = sorted({image.parent.name for image, _ in pairs})
+    print(f"wrote {len(pairs)} cases from {len(site_names)} sites ({', '.join(site_names)}) to {args.out}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from fedfms.data.prepare import PrepareOptions, prepare
+
+    names = {f.name for f in fields(PrepareOptions)}
+    options = PrepareOptions(**{k: v for k, v in vars(args).items() if k in names})
+    result = prepare(args.src, args.out, options)
+    total = sum(len(c["samples"]) for c in result.cases)
+    print(
+        f"prepared {len(result.cases)} cases ({result.processed} processed, {result.reused} up to date), "
+        f"{total} samples -> {result.out_dir} (datalists in {result.out_dir / 'datalists'})"
+    )
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} file(s):")
+        for s in result.skipped:
+            print(f"  {s['file']}: {s['problem']}")
+        return EXIT_SKIPPED
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedfms.data.partition import PartitionOptions, partition
+
+    names = {f.name for f in fields(PartitionOptions)}
+    options = PartitionOptions(**{k: v for k, v in vars(args).items() if k in names})
+    out = args.out or Path(args.data) / "partitions" / options.method
+    result = partition(args.data, out, options)
+    print(result.table())
+    print(f"client datalists written to {result.out_dir}")
+    return 0
+
+
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    synth = commands.add_parser("synth", help="write synthetic data in a real raw layout")
+    kinds = synth.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("prostate", help="multi-site prostate T2 MRI in the SAML layout (RAW/<SITE>/CaseNN.nii.gz)")
+    p.add_argument("--out", required=True, help="raw data folder to write")
+    p.add_argument("--sites", nargs="+", default=["6"], help="number of sites (1-6) or site names (default: 6)")
+    p.add_argument("--cases-per-site", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, metavar=("H", "W", "D"), help="one shape for every site (default: per-site shapes)")
+    p.set_defaults(run=_synth_prostate)
+
+
+def _add_prepare(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("prepare", help="raw 3D volumes -> prepared 2D samples and per-site datalists")
+    p.add_argument("--src", required=True, help="raw data folder")
+    p.add_argument("--layout", choices=("saml", "fedfms", "msd"), default="saml")
+    p.add_argument("--out", required=True, help="prepared data folder")
+    p.add_argument("--lower-percentile", type=float, default=0.0, help="lower clip percentile; 0 = volume minimum (FedFMS)")
+    p.add_argument("--upper-percentile", type=float, default=99.0, help="upper clip percentile (FedFMS 99, nnU-Net 99.5)")
+    p.add_argument("--zscore", action="store_true", help="z-score with per-site statistics of training volumes")
+    p.add_argument("--num-slices", type=int, default=1, help="stack size N, odd (FedFMS 1, FLAP-SAM 5)")
+    p.add_argument("--all-label-slices", action="store_true", help="keep the labels of all N slices, not only the centre")
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--label-size", type=int, default=256, help="label size (FedFMS: 256 with 1024 images)")
+    p.add_argument("--multi-class", action="store_true", help="keep label values instead of merging them to foreground")
+    p.add_argument("--num-classes", type=int, help="number of classes with --multi-class (values 0..C-1)")
+    p.add_argument("--drop-empty", dest="keep_empty", action="store_false", help="drop slices without foreground")
+    p.add_argument("--axcodes", default="RAS", help="orientation before slicing along the last axis")
+    p.add_argument("--image-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the case-level split")
+    p.add_argument("--sites", nargs="+", help="prepare only these sites")
+    p.add_argument("--msd-site", default="MSD", help="site name given to an MSD task's cases")
+    p.add_argument("--msd-channel", type=int, default=0, help="channel of 4D MSD images (prostate: 0 = T2, 1 = ADC)")
+    p.add_argument("--on-error", choices=("stop", "skip"), default="stop", help="what to do with a bad case")
+    p.set_defaults(run=_prepare)
+
+
+def _add_partition(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("partition", help="client datalists from prepared data")
+    p.add_argument("--data", required=True, help="prepared data folder (from fedfms prepare)")
+    p.add_argument("--method", choices=("natural", "loso", "quantity", "attribute", "dirichlet"), default="natural")
+    p.add_argument("--out", help="output folder (default: DATA/partitions/<method>)")
+    p.add_argument("--clients", dest="num_clients", type=int, default=3, help="number of clients (quantity, attribute, dirichlet)")
+    p.add_argument("--unseen", dest="unseen_site", help="the held-out site (loso)")
+    p.add_argument("--attribute", default="gland_volume_ml", help="per-case attribute to skew by (attribute)")
+    p.add_argument("--attributes-csv", help="CSV with columns site, case, <attribute>... adding per-case attributes")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (quantity, dirichlet); small = skewed")
+    p.add_argument("--proxy-fraction", type=float, default=0.1, help="share of each site's training cases kept for the server")
+    p.add_argument("--client-prefix", default="site-", help="client names for pooled methods: <prefix>1..K")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_partition)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedfms", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_synth(commands)
+    _add_prepare(commands)
+    _add_partition(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

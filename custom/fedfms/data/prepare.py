@@ -1,0 +1,392 @@
+"""Raw 3D volumes -> prepared 2D samples and per-site MONAI datalists.
+
+Each volume goes through one chain of MONAI dictionary transforms (:func:`volume_transform`, then
+:func:`slice_transform`): channel-first, orientation, percentile clipping and rescaling to [0, 1],
+optional per-site z-score, masks merged to foreground, in-plane resize of all slices in one call,
+and slicing into N-slice stacks. Every sample is saved as ``.npy``:
+
+    DATA/images/<site>/<case>_<slice>.npy   float (N, S, S)
+    DATA/labels/<site>/<case>_<slice>.npy   uint8 (1 or N, L, L)
+    DATA/cases/<site>/<case>.json           what was written for the case, written last
+    DATA/datalists/<site>.json              decathlon-style training/validation/testing lists
+    DATA/prepare.json                       options, version, statistics, cases and skipped files
+
+Paths in datalists are relative to the datalist's folder, so ``monai.data.load_decathlon_datalist``
+resolves them without a ``base_dir``. Re-running with the same options and unchanged sources skips
+cases whose manifest is current; a case without a manifest (e.g. an interrupted run) is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    NormalizeIntensityd,
+    Orientationd,
+    Resized,
+    ScaleIntensityRangePercentilesd,
+    ThresholdIntensityd,
+)
+
+import fedfms
+from fedfms.data.layouts import CaseRecord, find_cases
+from fedfms.data.validation import check_case
+from fedfms.errors import DataError
+from fedfms.io import load_json, load_volume, save_json, save_npy
+from fedfms.transforms import DepthToChanneld, SelectChanneld, SliceStacksd
+
+SPLITS = ("training", "validation", "testing")
+
+
+@dataclass
+class PrepareOptions:
+    """Every knob of ``fedfms prepare``; recorded in ``prepare.json``.
+
+    The defaults follow FedFMS: per volume, clip to [minimum, 99th percentile] and rescale to
+    [0, 1]; single slices; image 1024 and label 256; empty slices kept.
+    """
+
+    layout: str = "saml"
+    lower_percentile: float = 0.0  # 0 = the volume minimum (FedFMS); nnU-Net style uses 0.5
+    upper_percentile: float = 99.0  # FedFMS; nnU-Net style uses 99.5
+    zscore: bool = False  # per-site z-score over that site's training volumes, after clipping
+    num_slices: int = 1  # stack size N (1, 3, 5): FedFMS 1, FLAP-SAM 5
+    all_label_slices: bool = False  # label every slice of the stack (FLAP-SAM), not only the centre
+    image_size: int = 1024
+    label_size: int | None = 256  # None: same as image_size
+    multi_class: bool = False
+    num_classes: int | None = None  # required with multi_class
+    keep_empty: bool = True
+    axcodes: str = "RAS"  # orientation that makes the last axis the axial slice axis
+    image_dtype: str = "float32"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    sites: list[str] | None = None  # only these sites; None: all found
+    msd_site: str = "MSD"
+    msd_channel: int = 0
+    on_error: str = "stop"  # or "skip"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ValueError(f"need 0 <= lower < upper <= 100 percentiles, got {self.lower_percentile}, {self.upper_percentile}")
+        if self.multi_class and (self.num_classes is None or self.num_classes < 2):
+            raise ValueError("multi-class labels need num_classes >= 2")
+        if self.image_size < 1 or (self.label_size is not None and self.label_size < 1):
+            raise ValueError(f"sizes must be positive, got image {self.image_size}, label {self.label_size}")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"val and test fractions must be in [0, 1) and sum below 1, got {self.val_fraction}, {self.test_fraction}")
+        if self.on_error not in ("stop", "skip"):
+            raise ValueError(f"on_error must be 'stop' or 'skip', got {self.on_error!r}")
+        if self.image_dtype not in ("float32", "float16"):
+            raise ValueError(f"image_dtype must be float32 or float16, got {self.image_dtype!r}")
+        SliceStacksd(["image"], self.num_slices, label_key=None)  # validates num_slices
+
+    @property
+    def label_spatial_size(self) -> int:
+        return self.label_size or self.image_size
+
+    def content_options(self) -> dict:
+        """The options that change the samples written for a case (not the split)."""
+        skip = {"val_fraction", "test_fraction", "seed", "sites", "on_error", "msd_site"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class SiteStats:
+    """Mean and standard deviation of clipped intensities over a site's training volumes."""
+
+    mean: float
+    std: float
+    voxels: int
+
+
+@dataclass
+class PrepareResult:
+    """What a run did: the datalist entries per site, counts, and the files it had to skip."""
+
+    out_dir: Path
+    cases: list[dict]
+    processed: int
+    reused: int
+    skipped: list[dict] = field(default_factory=list)
+
+
+def volume_transform(options: PrepareOptions, channel: int | None = None) -> Compose:
+    """Load-time chain on whole volumes: channel first, reorient, clip and rescale, merge mask labels."""
+    transforms = [EnsureChannelFirstd(["image", "label"])]
+    if channel is not None:
+        transforms.append(SelectChanneld("image", channel))
+    transforms += [
+        Orientationd(["image", "label"], axcodes=options.axcodes, labels=None),
+        ScaleIntensityRangePercentilesd(
+            "image", options.lower_percentile, options.upper_percentile, b_min=0.0, b_max=1.0, clip=True
+        ),
+    ]
+    if not options.multi_class:  # masks > 1 (zones, 255) become 1
+        transforms.append(ThresholdIntensityd("label", threshold=1, above=False, cval=1))
+    return Compose(transforms)
+
+
+def slice_transform(options: PrepareOptions, stats: SiteStats | None = None) -> Compose:
+    """Per-volume chain from clipped volume to samples: z-score, resize every slice at once, stack."""
+    transforms = []
+    if options.zscore:
+        if stats is None:
+            raise ValueError("z-score normalisation needs the site's statistics")
+        transforms.append(NormalizeIntensityd("image", subtrahend=stats.mean, divisor=stats.std))
+    size = options.image_size
+    label_size = options.label_spatial_size
+    transforms += [
+        DepthToChanneld(["image", "label"]),
+        Resized("image", spatial_size=(size, size), mode="bilinear"),
+        Resized("label", spatial_size=(label_size, label_size), mode="nearest"),
+        SliceStacksd(
+            ["image", "label"],
+            num_slices=options.num_slices,
+            label_key="label",
+            all_label_slices=options.all_label_slices,
+            keep_empty=options.keep_empty,
+        ),
+    ]
+    return Compose(transforms)
+
+
+def split_cases(records: Sequence[CaseRecord], options: PrepareOptions) -> dict[tuple[str, str], str]:
+    """Assign each case to training/validation/testing, per site, by case, reproducibly from the seed.
+
+    A site with three or more cases gets at least one validation and one test case when the
+    fractions ask for any; the rest train. The split ignores whether files turn out to be broken,
+    so one bad file does not reshuffle the other cases.
+    """
+    by_site: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        by_site[r.site].append(r.case)
+    split = {}
+    for site, cases in by_site.items():
+        cases = sorted(cases)
+        random.Random(f"{options.seed}:{site}").shuffle(cases)
+        n = len(cases)
+        n_test = _share(n, options.test_fraction)
+        n_val = min(_share(n, options.val_fraction), n - n_test - 1)
+        for i, case in enumerate(cases):
+            split[(site, case)] = "testing" if i < n_test else "validation" if i < n_test + n_val else "training"
+    return split
+
+
+def _share(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 3:
+        return 0
+    return min(max(1, round(fraction * n)), n - 1)
+
+
+class Preparer:
+    """Runs the preparation of one source folder into one output folder."""
+
+    def __init__(self, src: str | os.PathLike, out: str | os.PathLike, options: PrepareOptions, log: Callable[[str], None] = print):
+        self.src = Path(src)
+        self.out = Path(out)
+        self.options = options
+        self.log = log
+
+    def run(self) -> PrepareResult:
+        records = self._records()
+        split = split_cases(records, self.options)
+        skipped: list[dict] = []
+        stats = self._site_stats(records, split, skipped) if self.options.zscore else {}
+        result = PrepareResult(self.out, [], 0, 0, skipped)
+        for record in records:
+            if (record.site, record.case) in {(s["site"], s["case"]) for s in skipped}:
+                continue
+            try:
+                manifest, reused = self._prepare_case(record, stats.get(record.site))
+            except DataError as err:
+                self._skip_or_raise(record, err, skipped)
+                continue
+            result.reused += reused
+            result.processed += not reused
+            result.cases.append({**manifest, "split": split[(record.site, record.case)]})
+        self._write_datalists(result)
+        save_json(self.out / "prepare.json", self._summary(result, stats))
+        return result
+
+    def _records(self) -> list[CaseRecord]:
+        o = self.options
+        records = find_cases(self.src, o.layout, msd_site=o.msd_site, msd_channel=o.msd_channel)
+        if o.sites:
+            unknown = sorted(set(o.sites) - {r.site for r in records})
+            if unknown:
+                raise DataError(self.src, f"sites not found: {', '.join(unknown)}")
+            records = [r for r in records if r.site in o.sites]
+        return records
+
+    def _skip_or_raise(self, record: CaseRecord, err: DataError, skipped: list[dict]) -> None:
+        if self.options.on_error == "stop":
+            raise err
+        self.log(f"skipped {err}")
+        skipped.append({"site": record.site, "case": record.case, "file": err.path, "problem": err.problem})
+
+    def _load(self, record: CaseRecord) -> dict:
+        """Load, check and bring a case to clipped, oriented, channel-first volumes."""
+        image = load_volume(record.image)
+        label = load_volume(record.label) if record.label else None
+        check_case(record, image, label, self.options.num_classes if self.options.multi_class else None)
+        try:
+            return volume_transform(self.options, record.channel)({"image": image, "label": label})
+        except RuntimeError as err:  # MONAI's Compose wraps the failing transform's error
+            raise DataError(record.image, f"cannot be preprocessed: {err.__cause__ or err}") from err
+
+    def _site_stats(self, records: list[CaseRecord], split: dict, skipped: list[dict]) -> dict[str, SiteStats]:
+        """Z-score statistics per site over its training volumes, accumulated in float64."""
+        sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3))
+        for record in records:
+            if split[(record.site, record.case)] != "training":
+                continue
+            try:
+                image = self._load(record)["image"].numpy().astype(np.float64)
+            except DataError as err:
+                self._skip_or_raise(record, err, skipped)
+                continue
+            sums[record.site] += (image.size, image.sum(), np.square(image).sum())
+        stats = {}
+        for site, (n, total, squares) in sums.items():
+            mean = total / n
+            stats[site] = SiteStats(float(mean), float(np.sqrt(max(squares / n - mean**2, 0.0))) or 1.0, int(n))
+        missing = sorted({r.site for r in records} - set(stats))
+        if missing:
+            raise DataError(self.src, f"z-score needs training volumes, none usable for site(s) {', '.join(missing)}")
+        return stats
+
+    def _fingerprint(self, record: CaseRecord, stats: SiteStats | None) -> str:
+        sources = [record.image, record.label]
+        key = {
+            "version": fedfms.__version__,
+            "options": self.options.content_options(),
+            "channel": record.channel,
+            "sources": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources if p is not None],
+            "stats": asdict(stats) if stats else None,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def _manifest_path(self, record: CaseRecord) -> Path:
+        return self.out / "cases" / record.site / f"{record.case}.json"
+
+    def _prepare_case(self, record: CaseRecord, stats: SiteStats | None) -> tuple[dict, bool]:
+        """Write a case's samples and then its manifest; reuse them if the manifest is current."""
+        fingerprint = self._fingerprint(record, stats)
+        manifest_path = self._manifest_path(record)
+        if manifest_path.is_file():
+            manifest = load_json(manifest_path)
+            if manifest.get("fingerprint") == fingerprint and self._samples_exist(manifest):
+                return manifest, True
+            manifest_path.unlink()  # stale: nothing may trust the old samples from here on
+        volumes = self._load(record)
+        attributes = _case_attributes(volumes)
+        samples = slice_transform(self.options, stats)(volumes)
+        manifest = {
+            "site": record.site,
+            "case": record.case,
+            "fingerprint": fingerprint,
+            "source": {"image": str(record.image), "label": str(record.label), "channel": record.channel},
+            "attributes": attributes,
+            "samples": self._save_samples(record, samples),
+        }
+        save_json(manifest_path, manifest)
+        return manifest, False
+
+    def _save_samples(self, record: CaseRecord, samples: Iterable[dict]) -> list[dict]:
+        self._remove_case_samples(record)
+        dtype = np.dtype(self.options.image_dtype)
+        written = []
+        for sample in samples:
+            name = f"{record.case}_{sample['slice']:03d}.npy"
+            image_rel = Path("images", record.site, name)
+            label_rel = Path("labels", record.site, name)
+            save_npy(self.out / image_rel, sample["image"].numpy().astype(dtype))
+            save_npy(self.out / label_rel, sample["label"].numpy().astype(np.uint8))
+            written.append({"slice": int(sample["slice"]), "image": str(image_rel), "label": str(label_rel)})
+        return written
+
+    def _remove_case_samples(self, record: CaseRecord) -> None:
+        """Drop samples an earlier run wrote for this case (their number may differ now)."""
+        for kind in ("images", "labels"):
+            folder = self.out / kind / record.site
+            if folder.is_dir():
+                for path in folder.glob(f"{record.case}_[0-9][0-9][0-9].npy"):
+                    path.unlink()
+
+    def _samples_exist(self, manifest: dict) -> bool:
+        return all((self.out / s[k]).is_file() for s in manifest["samples"] for k in ("image", "label"))
+
+    def _write_datalists(self, result: PrepareResult) -> None:
+        lists: dict[str, dict[str, list]] = defaultdict(lambda: {s: [] for s in SPLITS})
+        for case in result.cases:
+            lists[case["site"]][case["split"]].extend(_datalist_entries(case))
+        for site, splits in lists.items():
+            save_json(self.out / "datalists" / f"{site}.json", {"name": site, "site": site, **splits})
+
+    def _summary(self, result: PrepareResult, stats: dict[str, SiteStats]) -> dict:
+        cases = [
+            {
+                "site": c["site"],
+                "case": c["case"],
+                "split": c["split"],
+                "samples": len(c["samples"]),
+                "attributes": c["attributes"],
+                "source": c["source"],
+            }
+            for c in result.cases
+        ]
+        return {
+            "fedfms_version": fedfms.__version__,
+            "source": str(self.src.resolve()),
+            "options": asdict(self.options),
+            "statistics": {"zscore": {site: asdict(s) for site, s in sorted(stats.items())}},
+            "sites": sorted({c["site"] for c in cases}),
+            "cases": cases,
+            "skipped": result.skipped,
+        }
+
+
+def _datalist_entries(case: dict) -> list[dict]:
+    """One decathlon entry per sample, paths relative to ``DATA/datalists``."""
+    up = Path("..")
+    return [
+        {
+            "image": str(up / s["image"]),
+            "label": str(up / s["label"]),
+            "site": case["site"],
+            "case": case["case"],
+            "slice": s["slice"],
+        }
+        for s in case["samples"]
+    ]
+
+
+def _case_attributes(volumes: dict) -> dict:
+    """Per-case facts usable for attribute-skewed partitions and reports."""
+    image, label = volumes["image"], volumes["label"]
+    spacing = [float(s) for s in image.pixdim[:3]]
+    foreground = int(torch.count_nonzero(label))
+    return {
+        "shape": [int(s) for s in image.shape[1:]],
+        "spacing_mm": spacing,
+        "num_slices": int(image.shape[-1]),
+        "gland_volume_ml": round(foreground * float(np.prod(spacing)) / 1000.0, 3),
+    }
+
+
+def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOptions | None = None, log: Callable[[str], None] = print) -> PrepareResult:
+    """Prepare every case under ``src`` into ``out``; see the module docstring for the output."""
+    return Preparer(src, out, options or PrepareOptions(), log).run()
