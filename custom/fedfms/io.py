@@ -34,7 +34,7 @@ def strip_volume_suffix(path: str | os.PathLike) -> str:
 
 
 def load_volume(path: str | os.PathLike) -> MetaTensor:
-    """Load one volume as a MetaTensor (no channel added), NIfTI through nibabel, MetaImage/NRRD through ITK.
+    """Load one volume as a float32 MetaTensor (no channel added): NIfTI through nibabel, MetaImage/NRRD through ITK.
 
     Raises:
         DataError: the file is missing, has an unknown suffix, or cannot be decoded (corrupt or truncated).
@@ -45,9 +45,9 @@ def load_volume(path: str | os.PathLike) -> MetaTensor:
         raise DataError(path, "file not found")
     if suffix is None:
         raise DataError(path, f"unknown volume format; expected one of {', '.join(VOLUME_SUFFIXES)}")
-    reader = NibabelReader() if suffix in NIFTI_SUFFIXES else ITKReader(reverse_indexing=True)
+    reader = NibabelReader() if suffix in NIFTI_SUFFIXES else ITKReader()
     try:
-        return LoadImage(reader=reader, image_only=True, dtype=None)(path)
+        return LoadImage(reader=reader, image_only=True, dtype=np.float32)(path)
     except Exception as err:  # nibabel/ITK/zlib raise many types for a damaged file
         raise DataError(path, f"cannot be read, the file is corrupt or truncated ({type(err).__name__}: {err})") from err
 

@@ -23,6 +23,7 @@ import json
 import os
 import random
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from fedfms.io import load_json, load_volume, save_json, save_npy
 from fedfms.transforms import DepthToChanneld, SelectChanneld, SliceStacksd
 
 SPLITS = ("training", "validation", "testing")
+WRITER_THREADS = 4
 
 
 @dataclass
@@ -125,9 +127,11 @@ class PrepareResult:
 
 def volume_transform(options: PrepareOptions, channel: int | None = None) -> Compose:
     """Load-time chain on whole volumes: channel first, reorient, clip and rescale, merge mask labels."""
-    transforms = [EnsureChannelFirstd(["image", "label"])]
-    if channel is not None:
-        transforms.append(SelectChanneld("image", channel))
+    transforms = [EnsureChannelFirstd("label", channel_dim="no_channel")]
+    if channel is None:
+        transforms.append(EnsureChannelFirstd("image", channel_dim="no_channel"))
+    else:  # a multi-channel image: the reader's metadata says where its channels are
+        transforms += [EnsureChannelFirstd("image"), SelectChanneld("image", channel)]
     transforms += [
         Orientationd(["image", "label"], axcodes=options.axcodes, labels=None),
         ScaleIntensityRangePercentilesd(
@@ -308,14 +312,18 @@ class Preparer:
     def _save_samples(self, record: CaseRecord, samples: Iterable[dict]) -> list[dict]:
         self._remove_case_samples(record)
         dtype = np.dtype(self.options.image_dtype)
-        written = []
-        for sample in samples:
-            name = f"{record.case}_{sample['slice']:03d}.npy"
-            image_rel = Path("images", record.site, name)
-            label_rel = Path("labels", record.site, name)
-            save_npy(self.out / image_rel, sample["image"].numpy().astype(dtype))
-            save_npy(self.out / label_rel, sample["label"].numpy().astype(np.uint8))
-            written.append({"slice": int(sample["slice"]), "image": str(image_rel), "label": str(label_rel)})
+        written, pending = [], []
+        # Writing is I/O that releases the GIL: a few threads overlap it with the next files.
+        with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writers:
+            for sample in samples:
+                name = f"{record.case}_{sample['slice']:03d}.npy"
+                image_rel = Path("images", record.site, name)
+                label_rel = Path("labels", record.site, name)
+                pending.append(writers.submit(save_npy, self.out / image_rel, sample["image"].numpy().astype(dtype, copy=False)))
+                pending.append(writers.submit(save_npy, self.out / label_rel, sample["label"].numpy().astype(np.uint8)))
+                written.append({"slice": int(sample["slice"]), "image": str(image_rel), "label": str(label_rel)})
+            for done in pending:
+                done.result()  # re-raises a failed write before the manifest can claim the case
         return written
 
     def _remove_case_samples(self, record: CaseRecord) -> None:

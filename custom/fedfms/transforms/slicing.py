@@ -120,15 +120,21 @@ class SliceStacksd(MapTransform, MultiSampleTrait):
         if len(set(depths.values())) != 1:
             raise ValueError(f"keys have different depths: {depths}")
         depth = next(iter(depths.values()))
-        index = torch.from_numpy(stack_indices(depth, self.num_slices))
-        stacks = {key: self._stack(key, volume, index) for key, volume in volumes.items()}
+        stacks = {key: self._stack(key, volume) for key, volume in volumes.items()}
         slices = self._kept_slices(depth, volumes)
         return [{**d, **{key: stack[k] for key, stack in stacks.items()}, self.slice_key: k} for k in slices]
 
-    def _stack(self, key: Hashable, volume: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if key == self.label_key and not self.all_label_slices:
-            return volume[:, None]  # (D, 1, H, W): each sample keeps its centre slice's label
-        return volume[index]  # (D, N, H, W) in one gather
+    def _stack(self, key: Hashable, volume: torch.Tensor) -> torch.Tensor:
+        """(D, N, H, W) stacks as a view: sample k is rows k..k+N-1 of the edge-padded volume.
+
+        Only the padded volume (D + N - 1 slices) is copied, so every sample is contiguous and
+        memory grows with the volume, not with N times the volume.
+        """
+        if self.num_slices == 1 or (key == self.label_key and not self.all_label_slices):
+            return volume[:, None]  # each sample keeps its centre slice
+        half = self.num_slices // 2
+        padded = torch.cat([volume[:1].expand(half, *volume.shape[1:]), volume, volume[-1:].expand(half, *volume.shape[1:])])
+        return padded.unfold(0, self.num_slices, 1).movedim(-1, 1)
 
     def _kept_slices(self, depth: int, volumes: dict[Hashable, torch.Tensor]) -> list[int]:
         if self.keep_empty:

@@ -1,0 +1,138 @@
+"""Benchmark ``fedfms prepare`` against the naive per-slice loop, on the default synthetic set.
+
+    .venv/bin/python benchmarks/bench_prepare.py [--profile fedfms|flapsam|both] [--repeats R]
+
+For each profile it synthesises the default set (6 sites x 6 cases), then times, each in a fresh
+child process so peak memory (max RSS) is its own:
+
+* ``prepare``: the package's pipeline (one vectorised resize and one gather per volume);
+* ``naive``: load a volume, then per output slice: clip, rescale, resize and save every slice of
+  its stack one at a time, as the papers' preparation scripts do.
+
+It prints volumes per second, peak memory and the speed ratio, and checks that both wrote
+byte-identical samples. Profiles: ``fedfms`` (single slices, image 1024, label 256) and
+``flapsam`` (5-slice stacks with all labels, 224).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Orientation, Resize, ScaleIntensityRange
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+from fedfms.data.layouts import find_cases
+from fedfms.data.prepare import PrepareOptions, prepare, split_cases
+from fedfms.data.synthetic import synthesize_prostate
+from fedfms.data.validation import check_case
+from fedfms.io import load_volume, save_npy
+from fedfms.transforms import stack_indices
+
+PROFILES = {
+    "fedfms": PrepareOptions(num_slices=1, image_size=1024, label_size=256),
+    "flapsam": PrepareOptions(num_slices=5, all_label_slices=True, image_size=224, label_size=224),
+}
+
+
+def naive_prepare(src: Path, out: Path, options: PrepareOptions) -> None:
+    """The same samples as ``prepare``, computed slice by slice (no manifests, datalists or reuse)."""
+    records = find_cases(src, options.layout)
+    split_cases(records, options)  # same bookkeeping cost as the real run
+    image_resize = Resize((options.image_size, options.image_size), mode="bilinear")
+    label_resize = Resize((options.label_spatial_size,) * 2, mode="nearest")
+    for record in records:
+        image, label = load_volume(record.image), load_volume(record.label)
+        check_case(record, image, label)
+        orient = Orientation(axcodes=options.axcodes, labels=None)
+        image, label = orient(image[None]), orient(label[None])
+        low, high = percentile(image.as_tensor(), options.lower_percentile), percentile(image.as_tensor(), options.upper_percentile)
+        scale = ScaleIntensityRange(a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True)
+        depth = image.shape[-1]
+        for k, stack in enumerate(stack_indices(depth, options.num_slices)):
+            slices = [image_resize(scale(image.as_tensor()[0, :, :, j]).unsqueeze(0))[0] for j in stack]
+            label_ids = stack if options.all_label_slices else [k]
+            labels = [label_resize(label.as_tensor()[0, :, :, j].clamp(max=1).unsqueeze(0))[0] for j in label_ids]
+            name = f"{record.case}_{k:03d}.npy"
+            save_npy(out / "images" / record.site / name, torch.stack(slices).numpy().astype(np.float32))
+            save_npy(out / "labels" / record.site / name, torch.stack(labels).numpy().astype(np.uint8))
+
+
+def run_child(method: str, profile: str, src: Path, out: Path) -> dict:
+    """Time one method in this (child) process and report its peak memory."""
+    options = PROFILES[profile]
+    start = time.perf_counter()
+    if method == "prepare":
+        prepare(src, out, options, log=lambda _: None)
+    else:
+        naive_prepare(src, out, options)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's high-water resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _spawn(method: str, profile: str, src: Path, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, "--profile", profile, "--src", str(src), "--out", str(out)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every sample file, keyed by relative path (streamed: the outputs can be GBs)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for kind in ("images", "labels")
+        for p in sorted((root / kind).rglob("*.npy"))
+    }
+
+
+def bench_profile(profile: str, src: Path, work: Path, volumes: int, repeats: int) -> None:
+    results = {}
+    for method in ("prepare", "naive"):
+        runs = [_spawn(method, profile, src, work / f"{method}{r}") for r in range(repeats)]
+        results[method] = min(runs, key=lambda r: r["seconds"])
+    identical = _digests(work / "prepare0") == _digests(work / "naive0")
+    print(f"\nprofile {profile}: {PROFILES[profile].content_options()}")
+    for method, r in results.items():
+        print(f"  {method:<8} {r['seconds']:7.2f} s  {volumes / r['seconds']:6.2f} volumes/s  peak {r['peak_mb']:7.0f} MB")
+    ratio = results["naive"]["seconds"] / results["prepare"]["seconds"]
+    print(f"  speed-up prepare vs naive: {ratio:.2f}x   identical output: {identical}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=[*PROFILES, "both"], default="both")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest counts")
+    parser.add_argument("--child", choices=("prepare", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.profile, args.src, args.out)))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
+        src = Path(tmp) / "raw"
+        pairs = synthesize_prostate(src)  # the default synthetic set
+        print(f"default synthetic set: {len(pairs)} volumes; torch threads: {torch.get_num_threads()}")
+        for profile in PROFILES if args.profile == "both" else [args.profile]:
+            bench_profile(profile, src, Path(tmp) / profile, len(pairs), args.repeats)
+
+
+if __name__ == "__main__":
+    main()

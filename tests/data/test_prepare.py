@@ -1,0 +1,182 @@
+"""``fedfms prepare`` end to end on small files written in each raw layout."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from monai.data import load_decathlon_datalist
+
+import fedfms
+from fedfms.data import prepare as prepare_module
+from fedfms.data.prepare import PrepareOptions, prepare
+from tests.conftest import gland_case, write_nifti, write_saml
+
+SMALL = dict(image_size=16, label_size=8, num_slices=3)
+
+
+def _quiet(_):
+    pass
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    """Every prepared file's bytes, keyed by relative path (prepare.json holds an absolute source path)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "prepare.json"}
+
+
+def test_saml_layout_writes_samples_and_datalists(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A", "B"), cases=4)
+    result = prepare(raw, tmp_path / "data", PrepareOptions(**SMALL), log=_quiet)
+    assert result.processed == 8 and not result.skipped
+    for site in ("A", "B"):
+        datalist = json.loads((tmp_path / "data" / "datalists" / f"{site}.json").read_text())
+        cases = {s: {e["case"] for e in datalist[s]} for s in ("training", "validation", "testing")}
+        assert [len(c) for c in cases.values()] == [2, 1, 1]  # split by case: no case in two splits
+        assert sum(len(datalist[s]) for s in cases) == 4 * 8  # every slice kept, empty ones too
+        entry = datalist["training"][0]
+        assert set(entry) == {"image", "label", "site", "case", "slice"} and entry["site"] == site
+    loaded = load_decathlon_datalist(tmp_path / "data" / "datalists" / "A.json", data_list_key="training")
+    image, label = np.load(loaded[0]["image"]), np.load(loaded[0]["label"])
+    assert image.shape == (3, 16, 16) and image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1
+    assert label.shape == (1, 8, 8) and label.dtype == np.uint8
+    summary = json.loads((tmp_path / "data" / "prepare.json").read_text())
+    assert summary["fedfms_version"] == fedfms.__version__
+    assert summary["options"]["num_slices"] == 3 and summary["options"]["upper_percentile"] == 99.0
+    assert len(summary["cases"]) == 8 and summary["skipped"] == []
+
+
+def test_fedfms_layout(tmp_path):
+    for c in range(3):
+        image, label = gland_case(seed=c)
+        write_nifti(tmp_path / "raw" / "siteX" / "images" / f"p{c}.nii.gz", image)
+        write_nifti(tmp_path / "raw" / "siteX" / "labels" / f"p{c}.nii.gz", label)
+    result = prepare(tmp_path / "raw", tmp_path / "data", PrepareOptions(layout="fedfms", **SMALL), log=_quiet)
+    assert sorted(c["case"] for c in result.cases) == ["p0", "p1", "p2"]
+    assert (tmp_path / "data" / "datalists" / "siteX.json").is_file()
+
+
+def _write_msd(root: Path, channels: np.ndarray, label: np.ndarray) -> None:
+    write_nifti(root / "imagesTr" / "prostate_00.nii.gz", channels)
+    write_nifti(root / "labelsTr" / "prostate_00.nii.gz", label)
+    index = {"name": "Prostate", "modality": {"0": "T2", "1": "ADC"},
+             "training": [{"image": "./imagesTr/prostate_00.nii.gz", "label": "./labelsTr/prostate_00.nii.gz"}],
+             "test": ["./imagesTs/prostate_01.nii.gz"]}
+    (root / "dataset.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("channel", [0, 1])
+def test_msd_layout_uses_the_chosen_channel_and_merges_labels(tmp_path, channel):
+    t2, label = gland_case(seed=1)
+    adc = t2.max() - t2  # an inverted contrast: the output tells which channel was used
+    label[label > 0] = 2  # MSD prostate: 1 peripheral zone, 2 transition zone
+    _write_msd(tmp_path / "raw", np.stack([t2, adc], axis=-1), label)
+    options = PrepareOptions(layout="msd", msd_channel=channel, test_fraction=0, val_fraction=0, **SMALL)
+    prepare(tmp_path / "raw", tmp_path / "data", options, log=_quiet)
+    write_nifti(tmp_path / "ref" / "S" / "prostate_00.nii.gz", [t2, adc][channel])
+    write_nifti(tmp_path / "ref" / "S" / "prostate_00_segmentation.nii.gz", label)
+    prepare(tmp_path / "ref", tmp_path / "ref_data", PrepareOptions(test_fraction=0, val_fraction=0, **SMALL), log=_quiet)
+    for k in range(8):
+        got = np.load(tmp_path / "data" / "images" / "MSD" / f"prostate_00_{k:03d}.npy")
+        expected = np.load(tmp_path / "ref_data" / "images" / "S" / f"prostate_00_{k:03d}.npy")
+        np.testing.assert_array_equal(got, expected)
+    labels = np.concatenate([np.load(p) for p in (tmp_path / "data" / "labels" / "MSD").glob("*.npy")])
+    assert set(np.unique(labels)) == {0, 1}
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_itk_formats_match_nifti(tmp_path, suffix):
+    """The same volume as MetaImage/NRRD (read by ITK, LPS) and NIfTI (read by nibabel) prepares identically."""
+    image, label = gland_case(seed=2)
+    for name, array in (("Case00", image), ("Case00_segmentation", label)):
+        write_nifti(tmp_path / "nii" / "S" / f"{name}.nii.gz", array, np.diag([-0.8, -0.8, 3.0, 1.0]))
+        itk_image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+        itk_image.SetSpacing((0.8, 0.8, 3.0))  # identity direction in LPS = diag(-1, -1, 1) in RAS
+        (tmp_path / "itk" / "S").mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(itk_image, str(tmp_path / "itk" / "S" / f"{name}{suffix}"))
+    options = PrepareOptions(val_fraction=0, test_fraction=0, **SMALL)
+    prepare(tmp_path / "nii", tmp_path / "a", options, log=_quiet)
+    prepare(tmp_path / "itk", tmp_path / "b", options, log=_quiet)
+    assert _outputs(tmp_path / "a") .keys() == _outputs(tmp_path / "b").keys()
+    for name in (tmp_path / "a" / "images" / "S").iterdir():
+        np.testing.assert_allclose(np.load(name), np.load(tmp_path / "b" / "images" / "S" / name.name), atol=1e-6)
+
+
+def test_synthetic_sites_prepare_with_zscore(synthetic_raw, tmp_path):
+    options = PrepareOptions(zscore=True, lower_percentile=0.5, upper_percentile=99.5, **SMALL)
+    result = prepare(synthetic_raw, tmp_path / "data", options, log=_quiet)
+    summary = json.loads((tmp_path / "data" / "prepare.json").read_text())
+    stats = summary["statistics"]["zscore"]
+    assert sorted(stats) == sorted({c["site"] for c in result.cases})
+    # The statistics are those of the site's clipped training volumes, and nothing else.
+    site = sorted(stats)[0]
+    preparer = prepare_module.Preparer(synthetic_raw, tmp_path / "x", options, log=_quiet)
+    records = [r for r in preparer._records() if r.site == site]
+    split = prepare_module.split_cases(records, options)
+    volumes = [preparer._load(r)["image"].numpy() for r in records if split[(r.site, r.case)] == "training"]
+    voxels = np.concatenate([v.ravel() for v in volumes]).astype(np.float64)
+    assert stats[site]["mean"] == pytest.approx(voxels.mean(), rel=1e-9)
+    assert stats[site]["std"] == pytest.approx(voxels.std(), rel=1e-9)
+
+
+def test_rerun_is_idempotent(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=3)
+    first = prepare(raw, tmp_path / "data", PrepareOptions(**SMALL), log=_quiet)
+    before = _outputs(tmp_path / "data")
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "data" / "images").rglob("*.npy")}
+    second = prepare(raw, tmp_path / "data", PrepareOptions(**SMALL), log=_quiet)
+    assert (first.processed, second.processed, second.reused) == (3, 0, 3)
+    assert _outputs(tmp_path / "data") == before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    changed = prepare(raw, tmp_path / "data", PrepareOptions(**{**SMALL, "num_slices": 1}), log=_quiet)
+    assert changed.processed == 3  # other options: every case redone
+    assert np.load(next((tmp_path / "data" / "images" / "A").glob("*.npy"))).shape[0] == 1
+
+
+def test_interrupted_run_leaves_nothing_trusted(tmp_path, monkeypatch):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=3)
+    prepare(raw, tmp_path / "clean", PrepareOptions(**SMALL), log=_quiet)
+    real_save, calls = prepare_module.save_npy, []
+
+    def crash_on_20th(path, array):
+        calls.append(path)
+        if len(calls) == 20:  # in the middle of the second case
+            raise KeyboardInterrupt
+        real_save(path, array)
+
+    monkeypatch.setattr(prepare_module, "save_npy", crash_on_20th)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(raw, tmp_path / "data", PrepareOptions(**SMALL), log=_quiet)
+    manifests = sorted(p.name for p in (tmp_path / "data" / "cases" / "A").glob("*.json"))
+    assert len(manifests) == 1  # the half-written second case has no manifest
+    assert not (tmp_path / "data" / "datalists").exists() and not (tmp_path / "data" / "prepare.json").exists()
+    assert not [p for p in (tmp_path / "data").rglob("*") if ".tmp" in p.name]
+    monkeypatch.setattr(prepare_module, "save_npy", real_save)
+    resumed = prepare(raw, tmp_path / "data", PrepareOptions(**SMALL), log=_quiet)
+    assert (resumed.reused, resumed.processed) == (1, 2)
+    assert _outputs(tmp_path / "data") == _outputs(tmp_path / "clean")
+
+
+def test_missing_sample_file_redoes_the_case(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=1)
+    prepare(raw, tmp_path / "data", PrepareOptions(val_fraction=0, test_fraction=0, **SMALL), log=_quiet)
+    victim = next((tmp_path / "data" / "labels" / "A").glob("*.npy"))
+    victim.unlink()
+    again = prepare(raw, tmp_path / "data", PrepareOptions(val_fraction=0, test_fraction=0, **SMALL), log=_quiet)
+    assert again.processed == 1 and victim.is_file()
+
+
+def test_unknown_site_filter(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=1)
+    with pytest.raises(ValueError, match="sites not found: Z"):
+        prepare(raw, tmp_path / "data", PrepareOptions(sites=["Z"], **SMALL), log=_quiet)
+
+
+def test_drop_empty_and_all_label_slices(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=1)
+    options = PrepareOptions(keep_empty=False, all_label_slices=True, val_fraction=0, test_fraction=0, **{**SMALL, "num_slices": 5})
+    result = prepare(raw, tmp_path / "data", options, log=_quiet)
+    assert [s["slice"] for s in result.cases[0]["samples"]] == [2, 3, 4, 5]  # the gland covers slices 2..5
+    assert np.load(tmp_path / "data" / "labels" / "A" / "Case00_002.npy").shape == (5, 8, 8)
