@@ -23,7 +23,7 @@ import json
 import os
 import random
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,6 +112,21 @@ class SiteStats:
     mean: float
     std: float
     voxels: int
+
+
+@dataclass
+class _PendingCase:
+    """A case whose sample files may still be being written; its manifest comes last."""
+
+    manifest_path: Path
+    manifest: dict
+    writes: list[Future]
+    reused: bool
+
+    def finish(self) -> None:
+        for write in self.writes:
+            write.result()  # re-raises a failed write before the manifest can claim the case
+        save_json(self.manifest_path, self.manifest)
 
 
 @dataclass
@@ -210,17 +225,26 @@ class Preparer:
         skipped: list[dict] = []
         stats = self._site_stats(records, split, skipped) if self.options.zscore else {}
         result = PrepareResult(self.out, [], 0, 0, skipped)
-        for record in records:
-            if (record.site, record.case) in {(s["site"], s["case"]) for s in skipped}:
-                continue
-            try:
-                manifest, reused = self._prepare_case(record, stats.get(record.site))
-            except DataError as err:
-                self._skip_or_raise(record, err, skipped)
-                continue
-            result.reused += reused
-            result.processed += not reused
-            result.cases.append({**manifest, "split": split[(record.site, record.case)]})
+        # Sample files are written by a few threads (file I/O releases the GIL) while the next case
+        # is computed; a case's manifest is written only once all its files are complete.
+        with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writers:
+            writing: _PendingCase | None = None
+            for record in records:
+                if (record.site, record.case) in {(s["site"], s["case"]) for s in skipped}:
+                    continue
+                try:
+                    case = self._prepare_case(record, stats.get(record.site), writers)
+                except DataError as err:
+                    self._skip_or_raise(record, err, skipped)
+                    continue
+                if writing:
+                    writing.finish()
+                writing = None if case.reused else case
+                result.reused += case.reused
+                result.processed += not case.reused
+                result.cases.append({**case.manifest, "split": split[(record.site, record.case)]})
+            if writing:
+                writing.finish()
         self._write_datalists(result)
         save_json(self.out / "prepare.json", self._summary(result, stats))
         return result
@@ -286,45 +310,41 @@ class Preparer:
     def _manifest_path(self, record: CaseRecord) -> Path:
         return self.out / "cases" / record.site / f"{record.case}.json"
 
-    def _prepare_case(self, record: CaseRecord, stats: SiteStats | None) -> tuple[dict, bool]:
-        """Write a case's samples and then its manifest; reuse them if the manifest is current."""
+    def _prepare_case(self, record: CaseRecord, stats: SiteStats | None, writers: Executor) -> _PendingCase:
+        """Compute a case's samples and start writing them, or reuse them if its manifest is current."""
         fingerprint = self._fingerprint(record, stats)
         manifest_path = self._manifest_path(record)
         if manifest_path.is_file():
             manifest = load_json(manifest_path)
             if manifest.get("fingerprint") == fingerprint and self._samples_exist(manifest):
-                return manifest, True
+                return _PendingCase(manifest_path, manifest, [], reused=True)
             manifest_path.unlink()  # stale: nothing may trust the old samples from here on
         volumes = self._load(record)
         attributes = _case_attributes(volumes)
         samples = slice_transform(self.options, stats)(volumes)
+        self._remove_case_samples(record)
+        written, writes = self._write_samples(record, samples, writers)
         manifest = {
             "site": record.site,
             "case": record.case,
             "fingerprint": fingerprint,
             "source": {"image": str(record.image), "label": str(record.label), "channel": record.channel},
             "attributes": attributes,
-            "samples": self._save_samples(record, samples),
+            "samples": written,
         }
-        save_json(manifest_path, manifest)
-        return manifest, False
+        return _PendingCase(manifest_path, manifest, writes, reused=False)
 
-    def _save_samples(self, record: CaseRecord, samples: Iterable[dict]) -> list[dict]:
-        self._remove_case_samples(record)
+    def _write_samples(self, record: CaseRecord, samples: Iterable[dict], writers: Executor) -> tuple[list[dict], list[Future]]:
         dtype = np.dtype(self.options.image_dtype)
-        written, pending = [], []
-        # Writing is I/O that releases the GIL: a few threads overlap it with the next files.
-        with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writers:
-            for sample in samples:
-                name = f"{record.case}_{sample['slice']:03d}.npy"
-                image_rel = Path("images", record.site, name)
-                label_rel = Path("labels", record.site, name)
-                pending.append(writers.submit(save_npy, self.out / image_rel, sample["image"].numpy().astype(dtype, copy=False)))
-                pending.append(writers.submit(save_npy, self.out / label_rel, sample["label"].numpy().astype(np.uint8)))
-                written.append({"slice": int(sample["slice"]), "image": str(image_rel), "label": str(label_rel)})
-            for done in pending:
-                done.result()  # re-raises a failed write before the manifest can claim the case
-        return written
+        written, writes = [], []
+        for sample in samples:
+            name = f"{record.case}_{sample['slice']:03d}.npy"
+            image_rel = Path("images", record.site, name)
+            label_rel = Path("labels", record.site, name)
+            writes.append(writers.submit(save_npy, self.out / image_rel, sample["image"].numpy().astype(dtype, copy=False)))
+            writes.append(writers.submit(save_npy, self.out / label_rel, sample["label"].numpy().astype(np.uint8)))
+            written.append({"slice": int(sample["slice"]), "image": str(image_rel), "label": str(label_rel)})
+        return written, writes
 
     def _remove_case_samples(self, record: CaseRecord) -> None:
         """Drop samples an earlier run wrote for this case (their number may differ now)."""

@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt
 
+from fedfms.io import atomic_write
+
 __all__ = ["SITE_PROFILES", "SiteProfile", "synthesize_case", "synthesize_prostate"]
 
 _MIN_SIZE = 8
@@ -267,18 +269,13 @@ def _site_names(sites: int | str | Sequence[str]) -> list[str]:
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write atomically (temp file + rename) so a reader never sees a half-written volume."""
+    """Write a NIfTI volume atomically, with the geometry in both qform and sform as scanners do."""
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code="scanner")
     image.set_sform(affine, code="scanner")
     image.header.set_zooms(tuple(nib.affines.voxel_sizes(affine)))
     image.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nii.gz")
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def synthesize_prostate(
