@@ -1,4 +1,4 @@
-"""The ``fedfms`` command: synthesise, prepare and partition data.
+"""The ``fedfms`` command: synthesise, prepare and partition data; count model parameters.
 
 Exit codes: 0 success; 2 bad input or arguments (the message names the file and the problem);
 3 ``prepare --on-error skip`` finished but skipped files (listed in the summary).
@@ -60,6 +60,31 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(args: argparse.Namespace) -> int:
+    from fedfms.models.counting import component_counts, count_parameters
+    from fedfms.models.factory import build_model
+    from fedfms.models.checkpoints import load_checkpoint
+    from fedfms.models.strategies import trainable_names
+
+    model = build_model(
+        args.model, args.strategy, size=args.size, image_size=args.image_size, num_classes=args.num_classes,
+        lora_rank=args.lora_rank, depth_adapter=args.depth_adapter,
+    )
+    print(f"model {args.model}, size {args.size}, image {args.image_size}, classes {args.num_classes}, strategy {args.strategy}")
+    if args.checkpoint:
+        print(load_checkpoint(model, args.checkpoint).summary())
+    count = count_parameters(model)
+    print(f"total parameters      {count.total:>13,}")
+    print(f"trainable parameters  {count.trainable:>13,}  ({100 * count.trainable / count.total:.2f}%)")
+    print(f"bytes per round       {count.bytes_per_round:>13,}  (fp32, trainable parameters one client sends)")
+    for part, n in sorted(component_counts(model).items()):
+        print(f"  {part:<40}{n:>13,}")
+    if args.list:
+        print("trainable:")
+        print("\n".join(f"  {name}" for name in trainable_names(model, args.strategy)))
+    return 0
+
+
 def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic data in a real raw layout")
     kinds = synth.add_subparsers(dest="kind", required=True)
@@ -115,12 +140,31 @@ def _add_partition(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_partition)
 
 
+def _add_params(commands: argparse._SubParsersAction) -> None:
+    from fedfms.models.sam import SAM_SIZES
+    from fedfms.models.factory import MODELS
+    from fedfms.models.strategies import STRATEGIES
+
+    p = commands.add_parser("params", help="parameter counts and bytes per round of a model and strategy")
+    p.add_argument("--model", choices=MODELS, default="sam")
+    p.add_argument("--strategy", choices=list(STRATEGIES), default="full")
+    p.add_argument("--size", choices=list(SAM_SIZES), default="vit_b")
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--num-classes", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--depth-adapter", action="store_true", help="MSA depth adapter (FedFMS's 14.7M setting)")
+    p.add_argument("--checkpoint", help="local checkpoint to load; prints the key report")
+    p.add_argument("--list", action="store_true", help="list the trainable parameter names")
+    p.set_defaults(run=_params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfms", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_synth(commands)
     _add_prepare(commands)
     _add_partition(commands)
+    _add_params(commands)
     return parser
 
 
