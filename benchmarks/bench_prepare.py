@@ -21,10 +21,7 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +31,7 @@ import torch
 from monai.transforms import Orientation, Resize, ScaleIntensityRange
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
+from common import peak_rss_mb, run_child
 from fedfms.data.layouts import find_cases
 from fedfms.data.prepare import PrepareOptions, prepare, split_cases
 from fedfms.data.synthetic import synthesize_prostate
@@ -79,21 +77,11 @@ def run_child(method: str, profile: str, src: Path, out: Path) -> dict:
     else:
         naive_prepare(src, out, options)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": _peak_rss_mb()}
-
-
-def _peak_rss_mb() -> float:
-    """This process's high-water resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "peak_mb": peak_rss_mb()}
 
 
 def _spawn(method: str, profile: str, src: Path, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--profile", profile, "--src", str(src), "--out", str(out)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, ["--child", method, "--profile", profile, "--src", str(src), "--out", str(out)])
 
 
 def _digests(root: Path) -> dict[str, str]:
