@@ -68,7 +68,7 @@ def naive_prepare(src: Path, out: Path, options: PrepareOptions) -> None:
             save_npy(out / "labels" / record.site / name, torch.stack(labels).numpy().astype(np.uint8))
 
 
-def run_child(method: str, profile: str, src: Path, out: Path) -> dict:
+def measure(method: str, profile: str, src: Path, out: Path) -> dict:
     """Time one method in this (child) process and report its peak memory."""
     options = PROFILES[profile]
     start = time.perf_counter()
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(args.child, args.profile, args.src, args.out)))
+        print(json.dumps(measure(args.child, args.profile, args.src, args.out)))
         return
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         src = Path(tmp) / "raw"
