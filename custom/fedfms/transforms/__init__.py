@@ -1,5 +1,6 @@
 """MONAI dictionary transforms of fedfms, referenced by the bundles' configs as ``fedfms.transforms.<Name>``."""
 
+from fedfms.transforms.checks import CheckVolumed
 from fedfms.transforms.slicing import DepthToChanneld, SelectChanneld, SliceStacksd, stack_indices
 
-__all__ = ["DepthToChanneld", "SelectChanneld", "SliceStacksd", "stack_indices"]
+__all__ = ["CheckVolumed", "DepthToChanneld", "SelectChanneld", "SliceStacksd", "stack_indices"]

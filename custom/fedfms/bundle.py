@@ -1,0 +1,110 @@
+"""Components the MONAI bundles in ``bundles/`` reference by dotted path.
+
+All five bundles run the same configs (``bundles/common/configs``); what makes a bundle a method
+is its ``configs/method.json``: model, strategy, sizes, loss and optimiser settings. These
+functions read it, find the prepared data, build the network and loss, and batch N-slice stacks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.data import load_decathlon_datalist
+from monai.engines import PrepareBatch, default_prepare_batch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from fedfms.data.layouts import SAML_LABEL_TAGS
+from fedfms.errors import DataError
+from fedfms.io import load_json, strip_volume_suffix, volume_suffix
+from fedfms.models import build_model
+
+SCRATCH = ("scratch", "none")  # explicit values for "no pretrained weights" (the papers' -PT ablation)
+REQUIRED = "REQUIRED"
+
+
+def read_method(bundle_root: str | os.PathLike) -> dict:
+    """The bundle's ``configs/method.json``: the settings that make it FedSAM, FedMSA, FLAP-SAM ..."""
+    return load_json(Path(bundle_root) / "configs" / "method.json")
+
+
+def load_datalist(dataset_dir: str | os.PathLike, split: str, sites: str | Sequence[str] | None = None, datalist_dir: str = "datalists") -> list[dict]:
+    """Samples of ``split`` from the per-site datalists under ``dataset_dir/datalist_dir``.
+
+    ``sites=None`` pools every site (the centralized baseline); one or more site names give the
+    local ("standalone") baseline. Partition folders (``datalist_dir="partitions/natural"``) work too.
+    """
+    folder = Path(dataset_dir) / datalist_dir
+    if not folder.is_dir():
+        raise DataError(folder, "no prepared datalists here; run `make demo`, or `fedfms prepare` then point dataset_dir at its output")
+    available = sorted(p.stem for p in folder.glob("*.json") if p.stem != "partition")
+    wanted = available if sites is None else [sites] if isinstance(sites, str) else list(sites)
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        raise DataError(folder, f"no datalist for site(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    samples: list[dict] = []
+    for site in wanted:
+        samples += load_decathlon_datalist(folder / f"{site}.json", is_segmentation=True, data_list_key=split)
+    if not samples:
+        raise DataError(folder, f"no {split!r} samples for site(s) {', '.join(wanted)}")
+    return samples
+
+
+def output_size(model: str, image_size: int, patch_size: int = 16) -> int:
+    """Side of the logits a model returns: prompt-free SAM predicts at 4x its token grid, the others at input size."""
+    return image_size // patch_size * 4 if model == "sam" else image_size
+
+
+def build_network(pretrained_checkpoint: str | None = REQUIRED, **options) -> nn.Module:
+    """``fedfms.models.build_model(**options)`` with the pretrained-weights rule of the bundles.
+
+    ``pretrained_checkpoint`` is required for foundation models: a local file path, or ``"scratch"``
+    to train from random weights on purpose. Leaving it unset is an error, never a silent fallback.
+    """
+    if pretrained_checkpoint in (None, "", REQUIRED):
+        raise ValueError(
+            "pretrained_checkpoint is required: pass --pretrained_checkpoint /path/to/sam_vit_b_01ec64.pth "
+            "(a local file; nothing is downloaded), or --pretrained_checkpoint scratch to train from random weights"
+        )
+    checkpoint = None if str(pretrained_checkpoint).lower() in SCRATCH else pretrained_checkpoint
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise DataError(checkpoint, "pretrained checkpoint not found")
+    return build_model(checkpoint=checkpoint, **options)
+
+
+def build_loss(name: str, pos_weight: float = 2.0, lambda_ce: float = 0.2, lambda_dice: float = 0.8) -> nn.Module:
+    """``bce``: BCE on 1-channel logits with ``pos_weight`` (FedFMS); ``dice_ce``: softmax CE + Dice (FLAP-SAM)."""
+    if name == "bce":
+        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
+    if name == "dice_ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=lambda_ce, lambda_dice=lambda_dice)
+    raise ValueError(f"unknown loss {name!r}; expected 'bce' or 'dice_ce'")
+
+
+class SliceBatch(PrepareBatch):
+    """Batches for ``slices`` input mode: images stay (B, N, H, W) stacks, labels become (B*N, 1, h, w).
+
+    The network returns one prediction per slice of every stack (item b*N + j); the label of each
+    slice (prepared with ``--all-label-slices``) is put in the same order.
+    """
+
+    def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):
+        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        b, n = label.shape[:2]
+        return image, label.reshape(b * n, 1, *label.shape[2:])
+
+
+def volume_files(path: str | os.PathLike) -> list[str]:
+    """Volumes to segment: ``path`` itself if it is a file, else the images in the folder (labels skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise DataError(path, "no such file or folder to run inference on")
+    files = [str(p) for p in sorted(path.iterdir()) if volume_suffix(p) and not p.name.startswith(".") and not strip_volume_suffix(p).endswith(SAML_LABEL_TAGS)]
+    if not files:
+        raise DataError(path, "no volumes (.nii, .nii.gz, .mha, .nrrd) in this folder")
+    return files

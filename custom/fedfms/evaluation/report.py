@@ -1,0 +1,202 @@
+"""Per-slice, per-volume and per-site segmentation report of a MONAI ``SupervisedEvaluator``.
+
+The evaluator runs over a prepared datalist (keys image, label, site, case, slice). The protocol:
+
+- Foreground probability: sigmoid of a 1-channel logit, or 1 - softmax(background) for C+1
+  channels with background first (several foreground classes are scored as one foreground, label
+  > 0, as the prostate gland is). If the prediction's in-plane size differs from the label's, the
+  probability is resized to the label size, bilinearly, before thresholding at > 0.5: all scores
+  are at the prepared label resolution (FedFMS: 256, where its logits already are).
+- 2D Dice and IoU (FedFMS): one score per sample, its centre slice's prediction against its centre
+  label (index N//2 of an (N, L, L) label), so every slice counts once also when a ``slices``-mode
+  network predicts all N slices of each stack.
+- 3D Dice (FLAP-SAM): every prediction goes to a :class:`VolumeAssembler`; in ``slices`` mode all
+  N predictions of a stack, at their slice indices, so a slice predicted by several sliding
+  windows gets their mean probability. Volumes are the prepared slices stacked in slice order.
+- Empty slices and volumes: label and prediction both empty scores 1, empty label with any
+  predicted foreground scores 0 (:mod:`fedfms.evaluation.metrics`).
+- Per site: 2D scores averaged over the site's slices, 3D Dice over its volumes. ``average`` is the
+  unweighted mean over sites (the papers' "Average" column); ``pooled`` is the mean over all slices
+  (2D) and all volumes (3D) regardless of site.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.engines import IterationEvents
+from monai.handlers import from_engine
+from monai.utils import CommonKeys
+
+from fedfms.evaluation.metrics import slice_scores
+from fedfms.evaluation.volumes import VolumeAssembler
+from fedfms.io import atomic_write, save_json
+from fedfms.models.inputs import INPUT_MODES
+
+ACTIVATIONS = ("sigmoid", "softmax")
+METRICS = ("dice_2d", "iou_2d", "dice_3d")
+SITE_FIELDS = ("site", *METRICS, "num_slices", "num_volumes")
+
+
+def summarize(slices: Sequence[dict], volumes: Sequence[dict]) -> dict:
+    """Per-site means, their unweighted mean over sites (``average``) and the ``pooled`` means.
+
+    Args:
+        slices: rows ``site, case, slice, dice, iou``.
+        volumes: rows ``site, case, num_slices, dice_3d`` (:meth:`VolumeAssembler.results`).
+    """
+    sites = sorted({row["site"] for row in slices})
+    per_site = {s: _means([r for r in slices if r["site"] == s], [v for v in volumes if v["site"] == s]) for s in sites}
+    average = {m: fmean(per_site[s][m] for s in sites) for m in METRICS}
+    average |= {k: sum(per_site[s][k] for s in sites) for k in ("num_slices", "num_volumes")}
+    return {"sites": per_site, "average": average, "pooled": _means(slices, volumes)}
+
+
+def _means(slices: Sequence[dict], volumes: Sequence[dict]) -> dict:
+    return {
+        "dice_2d": fmean(r["dice"] for r in slices),
+        "iou_2d": fmean(r["iou"] for r in slices),
+        "dice_3d": fmean(v["dice_3d"] for v in volumes),
+        "num_slices": len(slices),
+        "num_volumes": len(volumes),
+    }
+
+
+def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+class SegmentationReport:
+    """Score every sample a ``SupervisedEvaluator`` sees and write the report at each epoch end.
+
+    Files in ``output_dir``, each replaced atomically at every ``EPOCH_COMPLETED`` (i.e. every
+    evaluator run): ``per_slice.csv`` (site, case, slice, dice, iou), ``per_volume.csv`` (site,
+    case, num_slices, dice_3d), ``per_site.csv`` (one row per site, then ``average`` over sites
+    and ``pooled``) and ``summary.json`` (the same numbers and the protocol). ``engine.state.metrics``
+    gets ``dice_2d``, ``iou_2d`` and ``dice_3d`` (average over sites) and ``<site>/<metric>``;
+    list this handler before ``StatsHandler`` in ``val_handlers`` so that it prints them.
+
+    The handler reads ``engine.state.output`` and ``engine.state.batch`` at MONAI's
+    ``IterationEvents.FORWARD_COMPLETED``, before the evaluator decollates them and runs its
+    ``postprocessing``: it sees the network's raw, batch-first output whatever those settings are
+    (decollation would also pair the B*N predictions of ``slices`` mode with B samples wrongly).
+
+    Args:
+        output_dir: folder for the report files.
+        activation: "sigmoid" for 1-channel logits, "softmax" for C+1 channels, background first.
+        input_mode: "channels" (one prediction per sample, (B, C, h, w)) or "slices" (N per
+            sample, (B*N, C, h, w), item b*N+j for stack position j); see :mod:`fedfms.models.inputs`.
+        num_slices: stack size N of the prepared samples.
+        output_transform: ``engine.state.output`` -> (logits, label), label (B, 1 or N, L, L).
+        batch_transform: ``engine.state.batch`` -> (sites, cases, slice indices), one per sample.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        activation: str = "sigmoid",
+        input_mode: str = "channels",
+        num_slices: int = 1,
+        output_transform: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = from_engine([CommonKeys.PRED, CommonKeys.LABEL]),
+        batch_transform: Callable[[Any], tuple[Sequence, Sequence, Sequence]] = from_engine(["site", "case", "slice"]),
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"unknown input mode {input_mode!r}; expected one of {', '.join(INPUT_MODES)}")
+        if num_slices < 1 or num_slices % 2 == 0:
+            raise ValueError(f"num_slices must be a positive odd number, got {num_slices}")
+        self.output_dir = Path(output_dir)
+        self.activation = activation
+        self.input_mode = input_mode
+        self.num_slices = num_slices
+        self.output_transform = output_transform
+        self.batch_transform = batch_transform
+        self._slices: list[dict] = []
+        self._volumes = VolumeAssembler()
+
+    def attach(self, engine: Engine) -> None:
+        """Register on a MONAI workflow (it must fire ``IterationEvents.FORWARD_COMPLETED``)."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self.forward_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def epoch_started(self, engine: Engine) -> None:
+        """Start empty: every evaluator run reports only its own samples."""
+        self._slices = []
+        self._volumes = VolumeAssembler()
+
+    def forward_completed(self, engine: Engine) -> None:
+        logits, label = self.output_transform(engine.state.output)
+        sites, cases, slice_indices = self.batch_transform(engine.state.batch)
+        label = torch.as_tensor(label).detach().cpu()
+        batch, n = label.shape[0], self.num_slices if self.input_mode == "slices" else 1
+        if label.ndim != 4 or label.shape[1] not in (1, self.num_slices):
+            raise ValueError(f"label must be (B, 1 or {self.num_slices}, L, L), got {tuple(label.shape)}")
+        probability = self._foreground(logits, label.shape[-2:])
+        if probability.shape[0] != batch * n:
+            raise ValueError(f"{self.input_mode} mode expects {batch * n} predictions for {batch} samples, got {probability.shape[0]}")
+        windows = probability.reshape(batch, n, *label.shape[-2:])  # (B, N or 1, L, L)
+        centre_label = label[:, label.shape[1] // 2]
+        dice, iou = slice_scores((windows[:, n // 2] > 0.5)[:, None], (centre_label > 0)[:, None])
+        # The assembler takes the whole stack's labels only with the whole stack's predictions.
+        volume_labels = label if n > 1 else centre_label[:, None]
+        for b, (site, case, index) in enumerate(zip(sites, cases, slice_indices)):
+            index = int(index)
+            self._slices.append({"site": site, "case": case, "slice": index, "dice": float(dice[b]), "iou": float(iou[b])})
+            self._volumes.add(site, case, index, windows[b], volume_labels[b])
+
+    def _foreground(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """(B', C, h, w) logits -> (B', L, L) foreground probability at the label size."""
+        logits = torch.as_tensor(logits).detach().float().cpu()
+        expected = "1 channel" if self.activation == "sigmoid" else "2 or more channels, background first"
+        if logits.ndim != 4 or (self.activation == "sigmoid") != (logits.shape[1] == 1):
+            raise ValueError(f"{self.activation} needs (B, C, h, w) logits with {expected}, got {tuple(logits.shape)}")
+        if self.activation == "sigmoid":
+            probability = torch.sigmoid(logits)
+        else:
+            probability = 1 - torch.softmax(logits, dim=1)[:, :1]
+        if probability.shape[-2:] != tuple(size):
+            probability = F.interpolate(probability, size=tuple(size), mode="bilinear", align_corners=False)
+        return probability[:, 0]
+
+    def epoch_completed(self, engine: Engine) -> None:
+        volumes = self._volumes.results()
+        summary = summarize(self._slices, volumes)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        slices = sorted(self._slices, key=lambda r: (r["site"], r["case"], r["slice"]))
+        _write_csv(self.output_dir / "per_slice.csv", ("site", "case", "slice", "dice", "iou"), slices)
+        _write_csv(self.output_dir / "per_volume.csv", ("site", "case", "num_slices", "dice_3d"), volumes)
+        site_rows = [{"site": s, **v} for s, v in summary["sites"].items()]
+        site_rows += [{"site": "average", **summary["average"]}, {"site": "pooled", **summary["pooled"]}]
+        _write_csv(self.output_dir / "per_site.csv", SITE_FIELDS, site_rows)
+        save_json(self.output_dir / "summary.json", {"epoch": engine.state.epoch, "protocol": self._protocol(), **summary})
+        engine.state.metrics.update({m: summary["average"][m] for m in METRICS})
+        engine.state.metrics.update({f"{s}/{m}": v[m] for s, v in summary["sites"].items() for m in METRICS})
+
+    def _protocol(self) -> dict:
+        return {
+            "activation": self.activation,
+            "input_mode": self.input_mode,
+            "num_slices": self.num_slices,
+            "threshold": "foreground probability > 0.5, at the label resolution",
+            "dice_2d": "per sample, centre slice prediction vs centre label",
+            "dice_3d": "per case, slices stacked in order, overlapping window predictions averaged",
+            "empty": "empty label: 1 if the prediction is empty too, else 0",
+            "average": "unweighted mean over sites",
+            "pooled": "mean over all slices (2D) and all volumes (3D)",
+        }
