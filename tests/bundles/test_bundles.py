@@ -1,0 +1,134 @@
+"""The five bundles through MONAI's own CLI and checks: train, evaluate, infer, verify."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from tests.bundles.conftest import BUNDLES, NAMES, config_files, run_bundle, train_losses
+
+
+def _data_dir(tiny_data, bundle):
+    return tiny_data / ("data_stack5" if bundle == "flapsam_prostate" else "data")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """Each bundle's cpu_demo training, run once: {bundle: (completed process, output folder)}."""
+    runs = {}
+    for bundle in NAMES:
+        out = tmp_path_factory.mktemp(bundle)
+        result = run_bundle(
+            bundle, "cpu_demo.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle), output_dir=out / "models",
+            log_dir=out / "logs", max_epochs=4, batch_size=4,
+        )
+        runs[bundle] = (result, out)
+    return runs
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_cpu_demo_training_lowers_the_loss_and_keeps_checkpoints(trained, bundle):
+    result, out = trained[bundle]
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    losses = train_losses(log)
+    assert len(losses) == 4 * 5  # 4 epochs x 5 iterations (2 sites x 1 training case x 10 slices, batch 4)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert "val_mean_dice" in log
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_last.pt").is_file()
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("bundle", ["fedsam_prostate", "flapsam_prostate"])
+def test_evaluation_writes_site_tables(trained, tiny_data, bundle):
+    _, out = trained[bundle]
+    result = run_bundle(
+        bundle, "cpu_demo.json", "evaluate.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle),
+        output_dir=out / "models", eval_dir=out / "eval",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    sites = (out / "eval" / "per_site.csv").read_text().splitlines()
+    assert sites[0].startswith("site,dice_2d,iou_2d,dice_3d") and {s.split(",")[0] for s in sites[1:]} >= {"RUNMC", "BMC", "average"}
+    assert len((out / "eval" / "per_volume.csv").read_text().splitlines()) == 1 + 2  # one test volume per site
+    assert json.dumps(summary)  # readable JSON with the same numbers
+
+
+def test_inference_keeps_the_input_geometry(trained, tiny_data, tmp_path):
+    """BMC volumes are LPS-oriented: the prediction must come back in that affine and size."""
+    _, out = trained["fedmsa_prostate"]
+    result = run_bundle(
+        "fedmsa_prostate", "cpu_demo.json", "inference.json", cwd=tmp_path, output_dir=out / "models",
+        input_dir=tiny_data / "raw" / "BMC", prediction_dir=tmp_path / "pred",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for case in ("Case00", "Case01", "Case02"):
+        source = nib.load(tiny_data / "raw" / "BMC" / f"{case}.nii.gz")
+        prediction = nib.load(tmp_path / "pred" / f"{case}_seg.nii.gz")
+        assert nib.aff2axcodes(source.affine) == ("L", "P", "S")
+        assert prediction.shape == source.shape
+        np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-4)
+        assert set(np.unique(prediction.get_fdata())) <= {0.0, 1.0}
+
+
+def test_inference_rejects_a_2d_image(trained, tmp_path):
+    _, out = trained["unet_prostate"]
+    flat = tmp_path / "in" / "flat.nii.gz"
+    flat.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.float32), np.eye(4)), flat)
+    result = run_bundle("unet_prostate", "cpu_demo.json", "inference.json", cwd=tmp_path, output_dir=out / "models", input_dir=flat.parent)
+    assert result.returncode != 0 and f"{flat}: is 2D" in result.stderr
+
+
+def test_local_baseline_uses_one_site(tiny_data):
+    bundle = BUNDLES / "unet_prostate"
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / "train.json"), str(bundle / "configs" / "cpu_demo.json")],
+        workflow_type="train", bundle_root=str(bundle), logging_file=False,
+        dataset_dir=str(tiny_data / "data"), sites="RUNMC",
+    )
+    workflow.initialize()
+    samples = workflow.parser.get_parsed_content("train#dataset#data")
+    assert samples and {s["site"] for s in samples} == {"RUNMC"}
+
+
+def test_paper_profile_requires_a_checkpoint(tiny_data, tmp_path):
+    result = run_bundle("fedsam_prostate", cwd=tmp_path, dataset_dir=tiny_data / "data", output_dir=tmp_path / "m", max_epochs=1)
+    assert result.returncode != 0 and "pretrained_checkpoint is required" in result.stderr
+    missing = tmp_path / "sam_vit_b.pth"
+    result = run_bundle("fedsam_prostate", cwd=tmp_path, dataset_dir=tiny_data / "data", pretrained_checkpoint=missing, max_epochs=1)
+    assert result.returncode != 0 and f"{missing}: pretrained checkpoint not found" in result.stderr
+
+
+def test_missing_data_says_where_it_looked(tmp_path):
+    result = run_bundle("unet_prostate", "cpu_demo.json", cwd=tmp_path, dataset_dir=tmp_path / "nothing", output_dir=tmp_path / "m")
+    assert result.returncode != 0 and f"{tmp_path / 'nothing' / 'datalists'}: no prepared datalists here" in result.stderr
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+@pytest.mark.parametrize("workflow,extra", [("train", ()), ("infer", ("evaluate.json",)), ("infer", ("inference.json",))])
+def test_monai_properties_are_complete(tiny_data, bundle, workflow, extra):
+    """check_properties instantiates the required components, so it runs on the CPU profile and tiny data."""
+    configs = BUNDLES / bundle / "configs"
+    files = [str(configs / "train.json"), str(configs / "cpu_demo.json"), *(str(configs / e) for e in extra)]
+    wf = ConfigWorkflow(
+        config_file=files, meta_file=str(configs / "metadata.json"), workflow_type=workflow, bundle_root=str(BUNDLES / bundle),
+        logging_file=False, dataset_dir=str(_data_dir(tiny_data, bundle)), input_dir=str(tiny_data / "raw" / "RUNMC"),
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_verify_net_in_out(bundle):
+    args = [
+        sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
+        "--meta_file", str(BUNDLES / bundle / "configs" / "metadata.json"),
+        "--config_file", config_files(bundle, "cpu_demo.json"), "--bundle_root", str(BUNDLES / bundle), "--n", "4",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
