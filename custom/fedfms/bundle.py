@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
 from monai.engines import PrepareBatch, default_prepare_batch
 from monai.losses import DiceCELoss
@@ -21,6 +22,7 @@ from fedfms.data.layouts import SAML_LABEL_TAGS
 from fedfms.errors import DataError
 from fedfms.io import load_json, strip_volume_suffix, volume_suffix
 from fedfms.models import build_model
+from fedfms.paths import resolve_path
 
 SCRATCH = ("scratch", "none")  # explicit values for "no pretrained weights" (the papers' -PT ablation)
 REQUIRED = "REQUIRED"
@@ -53,16 +55,36 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str, sites: str | Seque
     return samples
 
 
+def bundle_parser(bundle_root: str | os.PathLike, config_files: Sequence[str] = ("train.json",), **overrides) -> ConfigParser:
+    """A bundle's config (``config_files`` from its ``configs`` folder, merged in order) with ``overrides``.
+
+    A relative ``bundle_root`` is found by :func:`fedfms.paths.resolve_path`.
+    """
+    root = resolve_path(bundle_root)
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / name) for name in config_files])
+    parser.read_meta(str(root / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(root), **overrides})
+    return parser
+
+
+def bundle_network(bundle_root: str | os.PathLike, config_files: Sequence[str] = ("train.json",), **overrides) -> nn.Module:
+    """The bundle's ``network_def``, as its training builds it (used by the federated server's persistor)."""
+    return bundle_parser(bundle_root, config_files, **overrides).get_parsed_content("network_def")
+
+
 def output_size(model: str, image_size: int, patch_size: int = 16) -> int:
     """Side of the logits a model returns: prompt-free SAM predicts at 4x its token grid, the others at input size."""
     return image_size // patch_size * 4 if model == "sam" else image_size
 
 
-def build_network(pretrained_checkpoint: str | None = REQUIRED, **options) -> nn.Module:
+def build_network(pretrained_checkpoint: str | None = REQUIRED, init_seed: int = 0, **options) -> nn.Module:
     """``fedfms.models.build_model(**options)`` with the pretrained-weights rule of the bundles.
 
     ``pretrained_checkpoint`` is required for foundation models: a local file path, or ``"scratch"``
     to train from random weights on purpose. Leaving it unset is an error, never a silent fallback.
+    Weights are initialised from ``init_seed``, so every federated site and the server build the
+    same starting network (frozen layers never travel, so they must agree from the start).
     """
     if pretrained_checkpoint in (None, "", REQUIRED):
         raise ValueError(
@@ -72,7 +94,9 @@ def build_network(pretrained_checkpoint: str | None = REQUIRED, **options) -> nn
     checkpoint = None if str(pretrained_checkpoint).lower() in SCRATCH else pretrained_checkpoint
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise DataError(checkpoint, "pretrained checkpoint not found")
-    return build_model(checkpoint=checkpoint, **options)
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        return build_model(checkpoint=checkpoint, **options)
 
 
 def build_loss(name: str, pos_weight: float = 2.0, lambda_ce: float = 0.2, lambda_dice: float = 0.8) -> nn.Module:

@@ -1,0 +1,1 @@
+"""Federated learning with NVIDIA FLARE: the components that fedfms jobs run on the server and the clients."""
