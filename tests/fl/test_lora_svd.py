@@ -280,3 +280,8 @@ def test_fedavg_controller_callback_drops_rejected_models():
     result = controller._get_aggregated_result()
     assert result.meta["nr_aggregated"] == 1 and "lora_svd_relative_error" in result.meta
     torch.testing.assert_close(product(result.params), product(client(2)))
+
+
+def test_factors_are_contiguous_for_nvflare_streaming():
+    a, b, _ = refactorize(torch.randn(12, 8), rank=3)
+    assert a.is_contiguous() and b.is_contiguous()

@@ -75,7 +75,8 @@ def refactorize(products: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     pad = rank - s.numel()
     if pad > 0:
         b, a = F.pad(b, (0, pad)), F.pad(a, (0, 0, 0, pad))
-    return a.to(products.dtype), b.to(products.dtype), error
+    # contiguous: NVFlare streams tensors through safetensors, which refuses strided views
+    return a.to(products.dtype).contiguous(), b.to(products.dtype).contiguous(), error
 
 
 class _WeightedSum:
