@@ -1,4 +1,4 @@
-"""The ``fedfms`` command: synthesise, prepare and partition data; count model parameters.
+"""The ``fedfms`` command: synthesise, prepare and partition data; count model parameters; report runs.
 
 Exit codes: 0 success; 2 bad input or arguments (the message names the file and the problem);
 3 ``prepare --on-error skip`` finished but skipped files (listed in the summary).
@@ -85,6 +85,13 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedfms.fl.report import report
+
+    print(report(args.workspace, args.png))
+    return 0
+
+
 def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic data in a real raw layout")
     kinds = synth.add_subparsers(dest="kind", required=True)
@@ -158,6 +165,13 @@ def _add_params(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_params)
 
 
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("report", help="tables and a Dice-per-round plot of a federated run")
+    p.add_argument("workspace", help="the simulator workspace (-w) or a server app folder")
+    p.add_argument("--png", help="where to write the plot (default: in the server app folder)")
+    p.set_defaults(run=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfms", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(commands)
     _add_partition(commands)
     _add_params(commands)
+    _add_report(commands)
     return parser
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from fedfms.bundle import bundle_network
+from fedfms.cli import main
+from fedfms.models import count_parameters
 from fedfms.data.partition import PartitionOptions, partition
 from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
@@ -76,6 +78,19 @@ def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fl_data, tmp
         datalist = json.loads((folder / f"{site_datalist(site, folder)}.json").read_text())
         assert weight == len(datalist["training"])
     assert len(list((tmp_path / "ws/server/simulate_job/tb_events").glob("site-*/events.out.tfevents.*"))) == 3
+    # Every contribution was recorded and accepted; each carried exactly the trainable bytes of `fedfms params`.
+    app = tmp_path / "ws/server/simulate_job/app_server"
+    rows = json.loads((app / "round_metrics.json").read_text())
+    assert len(rows) == 2 * 3 and all(r["accepted"] for r in rows)
+    assert {r["bytes_received"] for r in rows} == {count_parameters(initial).bytes_per_round}
+    assert all(0 <= r["global_val_dice"] <= 1 for r in rows)
+    final = {r["site"]: r for r in json.loads((app / "final_test.json").read_text())}
+    assert set(final) == {"site-1", "site-2", "site-3", "average"}
+    assert final["average"]["dice_2d"] == pytest.approx(sum(final[s]["dice_2d"] for s in ("site-1", "site-2", "site-3")) / 3)
+    assert (app / "final_test.csv").read_text().startswith("site,dice_2d,iou_2d,dice_3d")
+    # The report reads those tables and draws the plot.
+    assert main(["report", str(tmp_path / "ws")]) == 0
+    assert (app / "dice_per_round.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_flapsam_job_aggregates_lora_by_svd(fl_data, tmp_path):
@@ -93,3 +108,8 @@ def test_site_names_map_onto_prepared_datalists(fl_data):
     assert site_datalist("I2CVB", folder) == "I2CVB"
     with pytest.raises(ValueError, match="no datalist for site 'site-9'"):
         site_datalist("site-9", folder)
+
+
+def test_report_without_a_run_says_so(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no round_metrics.json" in capsys.readouterr().err

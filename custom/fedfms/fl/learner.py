@@ -2,7 +2,8 @@
 
 Each round the site receives the global values of the strategy's trainable parameters, loads
 them into the bundle's network (its frozen weights never leave the site and never arrive), scores
-the received global model on its validation split, trains ``local_epochs`` with the bundle's own
+the received global model on its validation split (:meth:`BundleLearner.validate`, which NVFlare's
+ModelLearnerExecutor calls before training), trains ``local_epochs`` with the bundle's own
 trainer (loss, optimiser, handlers and its per-epoch validation), and sends back only the trainable
 parameters, weighted by its number of training samples. Train loss and validation Dice are
 streamed to the server's TensorBoard through NVFlare's tracking API (a ``TBWriter`` component).
@@ -80,24 +81,11 @@ class BundleLearner(ModelLearner):
 
     def initialize(self) -> None:
         fobs.register(TensorDecomposer)  # torch tensors travel as tensors, as NVFlare's PT components send them
-        bundle_root = str(resolve_path(self.bundle_root))
-        dataset_dir = str(resolve_path(self.dataset_dir))
-        datalist = site_datalist(self.site_name, Path(dataset_dir) / self.datalist_dir)
-        self.info(f"site {self.site_name} trains on datalist {datalist} of {dataset_dir}/{self.datalist_dir}")
-        self.workflow = ConfigWorkflow(
-            config_file=[str(Path(bundle_root) / "configs" / name) for name in self.config_files],
-            workflow_type="train",
-            bundle_root=bundle_root,
-            logging_file=False,
-            dataset_dir=dataset_dir,
-            datalist_dir=self.datalist_dir,
-            sites=datalist,
-            max_epochs=self.local_epochs,
-            output_dir=str(Path(self.app_root or ".") / "models"),
-            log_dir=str(Path(self.app_root or ".") / "logs"),
-            **self.overrides,
-        )
-        self.workflow.initialize()
+        self.resolved_bundle = resolve_path(self.bundle_root)
+        self.resolved_data = resolve_path(self.dataset_dir)
+        self.datalist = site_datalist(self.site_name, self.resolved_data / self.datalist_dir)
+        self.info(f"site {self.site_name} trains on datalist {self.datalist} of {self.resolved_data / self.datalist_dir}")
+        self.workflow = self._workflow([], "train", max_epochs=self.local_epochs)
         self.trainer = self.workflow.trainer
         self.evaluator = self.workflow.parser.get_parsed_content("validate#evaluator")
         self.network = self.trainer.network
@@ -105,23 +93,54 @@ class BundleLearner(ModelLearner):
         self.num_train_samples = len(self.trainer.data_loader.dataset)
         self.writer = self.engine.get_component(self.tracking_writer_id) if self.tracking_writer_id and self.engine else None
 
+    def _workflow(self, extra_configs: list[str], workflow_type: str, **overrides) -> ConfigWorkflow:
+        """The bundle's workflow on this site's data, with outputs inside the site's app folder."""
+        site_dir = Path(self.app_root or ".")
+        workflow = ConfigWorkflow(
+            config_file=[str(self.resolved_bundle / "configs" / name) for name in self.config_files + extra_configs],
+            workflow_type=workflow_type,
+            bundle_root=str(self.resolved_bundle),
+            logging_file=False,
+            dataset_dir=str(self.resolved_data),
+            datalist_dir=self.datalist_dir,
+            sites=self.datalist,
+            output_dir=str(site_dir / "models"),
+            log_dir=str(site_dir / "logs"),
+            **{**self.overrides, **overrides},
+        )
+        workflow.initialize()
+        return workflow
+
     def train(self, model: FLModel) -> FLModel:
+        """Local epochs from the global weights; only the trainable parameters go back.
+
+        NVFlare's ModelLearnerExecutor scores the received global model with :meth:`validate`
+        just before this call and reports that score with the result, so it is not repeated here.
+        """
         self._load_global(model)
-        global_dice = self._validate()
-        self._track("global_val_dice", global_dice)
         self._train_local()
         local_dice = float(self.evaluator.state.metrics.get("val_mean_dice", float("nan")))
         self._track("local_val_dice", local_dice)
+        keys = set(self.exchange_keys)
         return FLModel(
-            params={k: v.detach().cpu() for k, v in self.network.named_parameters() if k in set(self.exchange_keys)},
+            params={k: v.detach().cpu().clone() for k, v in self.network.named_parameters() if k in keys},  # a snapshot, not the live weights
             params_type=ParamsType.FULL,
-            metrics={"global_val_dice": global_dice, "local_val_dice": local_dice},
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: self.num_train_samples, "num_train_samples": self.num_train_samples},
+            meta={
+                FLMetaKey.NUM_STEPS_CURRENT_ROUND: self.num_train_samples,
+                "num_train_samples": self.num_train_samples,
+                "local_val_dice": local_dice,
+                "datalist": self.datalist,
+            },
         )
 
     def validate(self, model: FLModel) -> FLModel:
+        """Score the received global model: on the validation split, or on the test split when asked."""
         self._load_global(model)
-        return FLModel(metrics={"val_mean_dice": self._validate()})
+        if (model.meta or {}).get("split") == "testing":
+            return FLModel(metrics=self._test())
+        dice = self._validate()
+        self._track("global_val_dice", dice)
+        return FLModel(metrics={"val_mean_dice": dice})
 
     def finalize(self) -> None:
         if self.workflow is not None:
@@ -142,6 +161,17 @@ class BundleLearner(ModelLearner):
     def _validate(self) -> float:
         self.evaluator.run()
         return float(self.evaluator.state.metrics.get("val_mean_dice", float("nan")))
+
+    def _test(self) -> dict:
+        """The bundle's evaluation (evaluate.json) of the current network on this site's test split."""
+        checkpoint = Path(self.app_root or ".") / "models" / "global_model_for_test.pt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.network.state_dict()}, checkpoint)
+        workflow = self._workflow(["evaluate.json"], "infer", checkpoint=str(checkpoint), eval_dir=str(Path(self.app_root or ".") / "eval"))
+        workflow.run()
+        metrics = workflow.evaluator.state.metrics
+        workflow.finalize()
+        return {k: float(metrics[k]) for k in ("dice_2d", "iou_2d", "dice_3d") if k in metrics}
 
     def _train_local(self) -> None:
         """Continue the bundle's trainer for ``local_epochs`` more epochs (its state carries across rounds)."""

@@ -1,0 +1,58 @@
+"""After the rounds: every site scores the final global model on its test split."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from fedfms.io import atomic_write, save_json
+
+TEST_SPLIT = "testing"
+COLUMNS = ("site", "dice_2d", "iou_2d", "dice_3d")
+
+
+class FinalEvaluation(ModelController):
+    """Sends the last global model with ``meta["split"] = "testing"`` to every client's validate task.
+
+    Each site answers with its test-set scores (2D Dice and IoU per slice, 3D Dice per volume,
+    written in full at the site); the server writes one row per site and the mean over sites to
+    ``<app_server>/<file_name>.csv`` and ``.json``.
+    """
+
+    def __init__(self, persistor_id: str = "persistor", task_name: str = "validate", file_name: str = "final_test") -> None:
+        super().__init__(persistor_id=persistor_id)
+        self.task_name = task_name
+        self.file_name = file_name
+
+    def run(self) -> None:
+        learnable = self.persistor.final_model(self.fl_ctx)
+        if learnable is None:
+            self.warning("no global model was saved; nothing to evaluate")
+            return
+        model = FLModelUtils.from_model_learnable(learnable)
+        model.meta = {"split": TEST_SPLIT}
+        results = self.send_model_and_wait(task_name=self.task_name, data=model)
+        rows = sorted(({"site": r.meta.get("client_name"), **(r.metrics or {})} for r in results), key=lambda r: str(r["site"]))
+        rows.append({"site": "average", **{k: _mean([r.get(k) for r in rows]) for k in COLUMNS[1:]}})
+        self._write(rows)
+        for row in rows:
+            self.info(f"final test {row['site']}: " + ", ".join(f"{k} {row.get(k)}" for k in COLUMNS[1:]))
+
+    def _write(self, rows: list[dict]) -> None:
+        folder = Path(self.fl_ctx.get_prop(FLContextKey.APP_ROOT))
+        save_json(folder / f"{self.file_name}.json", rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(folder / f"{self.file_name}.csv", lambda tmp: tmp.write_text(text.getvalue()))
+
+
+def _mean(values: list) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return sum(numbers) / len(numbers) if numbers else None
