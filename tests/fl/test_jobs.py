@@ -88,6 +88,7 @@ def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fl_data, tmp
     assert set(final) == {"site-1", "site-2", "site-3", "average"}
     assert final["average"]["dice_2d"] == pytest.approx(sum(final[s]["dice_2d"] for s in ("site-1", "site-2", "site-3")) / 3)
     assert (app / "final_test.csv").read_text().startswith("site,dice_2d,iou_2d,dice_3d")
+    assert (app / "best_FL_global_model.pt").is_file()  # IntimeModelSelector + persistor keep the best global model
     # The report reads those tables and draws the plot.
     assert main(["report", str(tmp_path / "ws")]) == 0
     assert (app / "dice_per_round.png").read_bytes()[:4] == b"\x89PNG"
