@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ def plain_fedavg(job: str, rounds: int, clients: int, work: Path) -> float:
 def simulator(job: str, rounds: int, clients: int, work: Path) -> float:
     """The shipped job with ``num_rounds`` set, timed end to end through the CLI."""
     job_dir = work / job
-    subprocess.run(["cp", "-r", str(REPO / "jobs" / job), str(job_dir)], check=True)
+    shutil.copytree(REPO / "jobs" / job, job_dir)
     server_config = job_dir / "app" / "config" / "config_fed_server.json"
     server = json.loads(server_config.read_text())
     server["workflows"] = [w for w in server["workflows"] if w["id"] == "fedavg"]  # rounds only, like the plain loop
