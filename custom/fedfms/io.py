@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,18 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Write ``rows`` as CSV with a header of ``columns`` (other keys ignored), atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -22,7 +22,6 @@ The evaluator runs over a prepared datalist (keys image, label, site, case, slic
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from monai.utils import CommonKeys
 
 from fedfms.evaluation.metrics import slice_scores
 from fedfms.evaluation.volumes import VolumeAssembler
-from fedfms.io import atomic_write, save_json
+from fedfms.io import save_csv, save_json
 from fedfms.models.inputs import INPUT_MODES
 
 ACTIVATIONS = ("sigmoid", "softmax")
@@ -68,16 +67,6 @@ def _means(slices: Sequence[dict], volumes: Sequence[dict]) -> dict:
         "num_slices": len(slices),
         "num_volumes": len(volumes),
     }
-
-
-def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
 
 
 class SegmentationReport:
@@ -179,11 +168,11 @@ class SegmentationReport:
         summary = summarize(self._slices, volumes)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         slices = sorted(self._slices, key=lambda r: (r["site"], r["case"], r["slice"]))
-        _write_csv(self.output_dir / "per_slice.csv", ("site", "case", "slice", "dice", "iou"), slices)
-        _write_csv(self.output_dir / "per_volume.csv", ("site", "case", "num_slices", "dice_3d"), volumes)
+        save_csv(self.output_dir / "per_slice.csv", slices, ("site", "case", "slice", "dice", "iou"))
+        save_csv(self.output_dir / "per_volume.csv", volumes, ("site", "case", "num_slices", "dice_3d"))
         site_rows = [{"site": s, **v} for s, v in summary["sites"].items()]
         site_rows += [{"site": "average", **summary["average"]}, {"site": "pooled", **summary["pooled"]}]
-        _write_csv(self.output_dir / "per_site.csv", SITE_FIELDS, site_rows)
+        save_csv(self.output_dir / "per_site.csv", site_rows, SITE_FIELDS)
         save_json(self.output_dir / "summary.json", {"epoch": engine.state.epoch, "protocol": self._protocol(), **summary})
         engine.state.metrics.update({m: summary["average"][m] for m in METRICS})
         engine.state.metrics.update({f"{s}/{m}": v[m] for s, v in summary["sites"].items() for m in METRICS})

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from fedfms.io import atomic_write, save_json
+from fedfms.io import save_csv, save_json
 
 TEST_SPLIT = "testing"
 COLUMNS = ("site", "dice_2d", "iou_2d", "dice_3d")
@@ -46,11 +44,7 @@ class FinalEvaluation(ModelController):
     def _write(self, rows: list[dict]) -> None:
         folder = Path(self.fl_ctx.get_prop(FLContextKey.APP_ROOT))
         save_json(folder / f"{self.file_name}.json", rows)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(folder / f"{self.file_name}.csv", lambda tmp: tmp.write_text(text.getvalue()))
+        save_csv(folder / f"{self.file_name}.csv", rows, COLUMNS)
 
 
 def _mean(values: list) -> float | None:

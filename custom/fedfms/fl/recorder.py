@@ -7,8 +7,6 @@ every update and still exit 0).
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from fedfms.io import atomic_write, save_json
+from fedfms.io import save_csv, save_json
 
 COLUMNS = ("round", "site", "data", "accepted", "num_train_samples", "bytes_received", "global_val_dice", "local_val_dice")
 
@@ -78,11 +76,7 @@ class ContributionRecorder(FLComponent):
         if self.folder is None:
             return
         save_json(self.folder / f"{self.file_name}.json", self.rows)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(self.folder / f"{self.file_name}.csv", lambda tmp: tmp.write_text(text.getvalue()))
+        save_csv(self.folder / f"{self.file_name}.csv", self.rows, COLUMNS)
 
 
 def _client_name(fl_ctx: FLContext, meta: dict) -> str | None:
