@@ -19,6 +19,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from fedfms.data.layouts import SAML_LABEL_TAGS
+from fedfms.data.partition import SUMMARY, client_datalists
 from fedfms.errors import DataError
 from fedfms.io import load_json, strip_volume_suffix, volume_suffix
 from fedfms.models import build_model
@@ -42,8 +43,9 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str, sites: str | Seque
     folder = Path(dataset_dir) / datalist_dir
     if not folder.is_dir():
         raise DataError(folder, "no prepared datalists here; run `make demo`, or `fedfms prepare` then point dataset_dir at its output")
-    available = sorted(p.stem for p in folder.glob("*.json") if p.stem != "partition")
-    wanted = available if sites is None else [sites] if isinstance(sites, str) else list(sites)
+    available = sorted(p.stem for p in folder.glob("*.json") if p.stem != SUMMARY)
+    # Pooling takes the sites' (or clients') lists only: never the server proxy or the unseen site.
+    wanted = client_datalists(folder) if sites is None else [sites] if isinstance(sites, str) else list(sites)
     unknown = sorted(set(wanted) - set(available))
     if unknown:
         raise DataError(folder, f"no datalist for site(s) {', '.join(unknown)}; available: {', '.join(available)}")

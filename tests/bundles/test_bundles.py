@@ -132,3 +132,17 @@ def test_verify_net_in_out(bundle):
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_pooling_a_partition_leaves_out_the_proxy_and_unseen_site(tmp_path):
+    from fedfms.bundle import load_datalist
+    from fedfms.io import save_json
+
+    folder = tmp_path / "partitions" / "loso"
+    entry = {"image": "x.npy", "label": "y.npy", "site": "A", "case": "c", "slice": 0}
+    for name, site in (("A", "A"), ("B", "B"), ("server_proxy", "P"), ("unseen", "U")):
+        save_json(folder / f"{name}.json", {"training": [{**entry, "site": site}], "validation": [], "testing": []})
+    save_json(folder / "partition.json", {"files": []})
+    pooled = load_datalist(tmp_path, "training", None, "partitions/loso")
+    assert sorted(e["site"] for e in pooled) == ["A", "B"]
+    assert [e["site"] for e in load_datalist(tmp_path, "training", "server_proxy", "partitions/loso")] == ["P"]

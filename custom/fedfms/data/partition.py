@@ -41,6 +41,12 @@ PROXY = "server_proxy"
 UNSEEN = "unseen"
 
 CaseKey = tuple[str, str]  # (site, case)
+SUMMARY = "partition"
+
+
+def client_datalists(folder: str | os.PathLike) -> list[str]:
+    """Names of the client datalists in a datalist folder: not the summary, the proxy or the unseen site."""
+    return sorted(p.stem for p in Path(folder).glob("*.json") if p.stem not in {SUMMARY, PROXY, UNSEEN})
 
 
 @dataclass
@@ -279,7 +285,7 @@ def partition(data_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         save_json(out_dir / f"{owner}.json", {"name": owner, **datalist})
     counts = {owner: _count(cases, owners, owner) for owner in datalists}
     save_json(
-        out_dir / "partition.json",
+        out_dir / f"{SUMMARY}.json",
         {
             "data_dir": str(Path(data_dir).resolve()),
             "options": asdict(options),
@@ -328,7 +334,7 @@ def _count(cases: list[Case], owners: dict[CaseKey, str], owner: str) -> dict[st
 
 def _remove_previous(out_dir: Path) -> None:
     """Remove the datalists of an earlier partition in the same folder, so none is left stale."""
-    summary = out_dir / "partition.json"
+    summary = out_dir / f"{SUMMARY}.json"
     if summary.is_file():
         for name in load_json(summary).get("files", []):
             (out_dir / name).unlink(missing_ok=True)

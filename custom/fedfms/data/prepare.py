@@ -229,8 +229,9 @@ class Preparer:
         # is computed; a case's manifest is written only once all its files are complete.
         with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writers:
             writing: _PendingCase | None = None
+            unreadable = {(s["site"], s["case"]) for s in skipped}  # already failed in the statistics pass
             for record in records:
-                if (record.site, record.case) in {(s["site"], s["case"]) for s in skipped}:
+                if (record.site, record.case) in unreadable:
                     continue
                 try:
                     case = self._prepare_case(record, stats.get(record.site), writers)

@@ -23,11 +23,9 @@ from nvflare.app_common.abstract.model_learner import ModelLearner
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
+from fedfms.data.partition import client_datalists
 from fedfms.errors import DataError
 from fedfms.paths import resolve_path
-
-EXCLUDED_DATALISTS = {"partition", "server_proxy", "unseen"}
-
 
 def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
     """The datalist a federated site trains on.
@@ -37,7 +35,7 @@ def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
     order, so the simulator runs on the prepared sites without renaming anything.
     """
     folder = Path(datalist_dir)
-    names = sorted(p.stem for p in folder.glob("*.json") if p.stem not in EXCLUDED_DATALISTS)
+    names = client_datalists(folder)
     if site in names:
         return site
     match = re.fullmatch(r"site-(\d+)", site)
