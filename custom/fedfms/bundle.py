@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import load_decathlon_datalist
 from monai.engines import PrepareBatch, default_prepare_batch
 from monai.losses import DiceCELoss
@@ -73,6 +73,43 @@ def bundle_parser(bundle_root: str | os.PathLike, config_files: Sequence[str] = 
 def bundle_network(bundle_root: str | os.PathLike, config_files: Sequence[str] = ("train.json",), **overrides) -> nn.Module:
     """The bundle's ``network_def``, as its training builds it (used by the federated server's persistor)."""
     return bundle_parser(bundle_root, config_files, **overrides).get_parsed_content("network_def")
+
+
+def bundle_workflow(bundle_root: str | os.PathLike, config_files: Sequence[str], workflow_type: str = "train", **overrides) -> ConfigWorkflow:
+    """The bundle's initialised ``ConfigWorkflow`` from ``config_files`` (merged in order) with ``overrides``.
+
+    What ``python -m monai.bundle run`` would build, for callers that drive it step by step
+    (the federated client trains it round after round).
+    """
+    root = resolve_path(bundle_root)
+    workflow = ConfigWorkflow(
+        config_file=[str(root / "configs" / name) for name in config_files],
+        meta_file=str(root / "configs" / "metadata.json"),
+        workflow_type=workflow_type,
+        bundle_root=str(root),
+        logging_file=False,
+        **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
+TEST_METRICS = ("dice_2d", "iou_2d", "dice_3d")
+
+
+def evaluate_checkpoint(bundle_root: str | os.PathLike, config_files: Sequence[str], checkpoint: str | os.PathLike, eval_dir: str | os.PathLike, **overrides) -> dict[str, float]:
+    """Run the bundle's ``evaluate.json`` on top of ``config_files`` for the weights in ``checkpoint``.
+
+    The full tables go to ``eval_dir`` (:class:`fedfms.evaluation.SegmentationReport`); the
+    returned dict holds the mean 2D Dice, 2D IoU and 3D Dice.
+    """
+    workflow = bundle_workflow(bundle_root, [*config_files, "evaluate.json"], "infer", checkpoint=str(checkpoint), eval_dir=str(eval_dir), **overrides)
+    try:
+        workflow.run()
+        metrics = workflow.evaluator.state.metrics
+    finally:
+        workflow.finalize()
+    return {k: float(metrics[k]) for k in TEST_METRICS if k in metrics}
 
 
 def output_size(model: str, image_size: int, patch_size: int = 16) -> int:

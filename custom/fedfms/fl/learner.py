@@ -23,6 +23,7 @@ from nvflare.app_common.abstract.model_learner import ModelLearner
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
+from fedfms.bundle import bundle_workflow, evaluate_checkpoint
 from fedfms.data.partition import client_datalists
 from fedfms.errors import DataError
 from fedfms.paths import resolve_path
@@ -35,6 +36,8 @@ def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
     order, so the simulator runs on the prepared sites without renaming anything.
     """
     folder = Path(datalist_dir)
+    if not folder.is_dir():
+        raise DataError(folder, "no such partition folder; make the demo data with `make demo`, or run `fedfms prepare` and `fedfms partition`, then set dataset_dir and datalist_dir in the job's config_fed_client.json")
     names = client_datalists(folder)
     if site in names:
         return site
@@ -85,7 +88,6 @@ class BundleLearner(ModelLearner):
         fobs.register(TensorDecomposer)  # torch tensors travel as tensors, as NVFlare's PT components send them
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        self.resolved_bundle = resolve_path(self.bundle_root)
         self.resolved_data = resolve_path(self.dataset_dir)
         self.datalist = site_datalist(self.site_name, self.resolved_data / self.datalist_dir)
         self.info(f"site {self.site_name} trains on datalist {self.datalist} of {self.resolved_data / self.datalist_dir}")
@@ -97,23 +99,20 @@ class BundleLearner(ModelLearner):
         self.num_train_samples = len(self.trainer.data_loader.dataset)
         self.writer = self.engine.get_component(self.tracking_writer_id) if self.tracking_writer_id and self.engine else None
 
-    def _workflow(self, extra_configs: list[str], workflow_type: str, **overrides) -> ConfigWorkflow:
-        """The bundle's workflow on this site's data, with outputs inside the site's app folder."""
+    def _site_settings(self) -> dict:
+        """Bundle overrides that put this site's data in and its outputs inside the site's app folder."""
         site_dir = Path(self.app_root or ".")
-        workflow = ConfigWorkflow(
-            config_file=[str(self.resolved_bundle / "configs" / name) for name in self.config_files + extra_configs],
-            workflow_type=workflow_type,
-            bundle_root=str(self.resolved_bundle),
-            logging_file=False,
-            dataset_dir=str(self.resolved_data),
-            datalist_dir=self.datalist_dir,
-            sites=self.datalist,
-            output_dir=str(site_dir / "models"),
-            log_dir=str(site_dir / "logs"),
-            **{**self.overrides, **overrides},
-        )
-        workflow.initialize()
-        return workflow
+        return {
+            "dataset_dir": str(self.resolved_data),
+            "datalist_dir": self.datalist_dir,
+            "sites": self.datalist,
+            "output_dir": str(site_dir / "models"),
+            "log_dir": str(site_dir / "logs"),
+            **self.overrides,
+        }
+
+    def _workflow(self, extra_configs: list[str], workflow_type: str, **overrides) -> ConfigWorkflow:
+        return bundle_workflow(self.bundle_root, self.config_files + extra_configs, workflow_type, **{**self._site_settings(), **overrides})
 
     def train(self, model: FLModel) -> FLModel:
         """Local epochs from the global weights; only the trainable parameters go back.
@@ -168,14 +167,11 @@ class BundleLearner(ModelLearner):
 
     def _test(self) -> dict:
         """The bundle's evaluation (evaluate.json) of the current network on this site's test split."""
-        checkpoint = Path(self.app_root or ".") / "models" / "global_model_for_test.pt"
+        site_dir = Path(self.app_root or ".")
+        checkpoint = site_dir / "models" / "global_model_for_test.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": self.network.state_dict()}, checkpoint)
-        workflow = self._workflow(["evaluate.json"], "infer", checkpoint=str(checkpoint), eval_dir=str(Path(self.app_root or ".") / "eval"))
-        workflow.run()
-        metrics = workflow.evaluator.state.metrics
-        workflow.finalize()
-        return {k: float(metrics[k]) for k in ("dice_2d", "iou_2d", "dice_3d") if k in metrics}
+        return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, site_dir / "eval", **self._site_settings())
 
     def _train_local(self) -> None:
         """Continue the bundle's trainer for ``local_epochs`` more epochs (its state carries across rounds)."""

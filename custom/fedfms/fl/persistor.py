@@ -1,11 +1,16 @@
-"""Server-side model persistence for partial (trainable-only) exchange."""
+"""Server-side model persistence for partial (trainable-only) exchange, with resume after a restart."""
 
 from __future__ import annotations
 
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
-from nvflare.app_common.app_constant import DefaultCheckpointFileName
+from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+from fedfms.paths import resolve_path
+
+#: Key of ``meta_props`` in a saved global model: how many rounds had finished when it was saved.
+COMPLETED_ROUNDS = "completed_rounds"
 
 
 class TrainableModelPersistor(PTFileModelPersistor):
@@ -14,8 +19,21 @@ class TrainableModelPersistor(PTFileModelPersistor):
     The global model the controller sends out therefore holds exactly the strategy's trainable
     parameters, and so do the clients' answers. Saving merges these partial updates into the full
     checkpoint (``PTFileModelPersistor``'s persistence manager accepts partial updates), so
-    ``FL_global_model.pt`` is always a complete, loadable state dict.
+    ``FL_global_model.pt`` is always a complete, loadable state dict. Each save also records the
+    number of completed rounds in the checkpoint's ``meta_props``.
+
+    Args:
+        resume_from: a global model saved by an earlier run of the same job (its
+            ``FL_global_model.pt``). The run starts from those weights, and
+            :class:`fedfms.fl.fedavg.ResumableFedAvg` continues after the rounds it records.
+            Relative paths: see :mod:`fedfms.paths`. None starts from the bundle's initial network.
+        kwargs: ``PTFileModelPersistor`` arguments (``model``, file names, ...).
     """
+
+    def __init__(self, *args, resume_from: str | None = None, **kwargs) -> None:
+        if resume_from:
+            kwargs["source_ckpt_file_full_name"] = str(resolve_path(resume_from).resolve())
+        super().__init__(*args, **kwargs)
 
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.model.named_parameters() if p.requires_grad}
@@ -33,7 +51,20 @@ class TrainableModelPersistor(PTFileModelPersistor):
         total = len(learnable[ModelLearnableKey.WEIGHTS])
         learnable = self.exchanged(learnable)
         self.log_info(fl_ctx, f"global model: {len(learnable[ModelLearnableKey.WEIGHTS])} trainable of {total} tensors are exchanged")
+        if self.source_ckpt_file_full_name:
+            done = (learnable.get(ModelLearnableKey.META) or {}).get(COMPLETED_ROUNDS, 0)
+            self.log_info(fl_ctx, f"resuming from {self.source_ckpt_file_full_name}, saved after {done} completed rounds")
         return learnable
+
+    def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if current_round is not None:
+            ml[ModelLearnableKey.META] = {**(ml.get(ModelLearnableKey.META) or {}), COMPLETED_ROUNDS: int(current_round) + 1}
+        super().save_model(ml, fl_ctx)
+
+    def global_model_path(self) -> str:
+        """Where the full global model (``{"model": state_dict, ...}``) is saved each round."""
+        return self._ckpt_save_path
 
     def final_model(self, fl_ctx: FLContext) -> ModelLearnable | None:
         """The last saved global model (trainable part), or None before any round was saved."""

@@ -1,0 +1,53 @@
+"""TrainableModelPersistor: trainable-only exchange, round bookkeeping, resume from a saved global model."""
+
+import torch
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+from torch import nn
+
+from fedfms.fl.persistor import COMPLETED_ROUNDS, TrainableModelPersistor
+
+
+def _network(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    network = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    network[0].requires_grad_(False)  # a frozen layer, as a foundation model's encoder
+    return network
+
+
+def _started(persistor: TrainableModelPersistor, app_root) -> FLContext:
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(app_root), private=True, sticky=False)
+    persistor.handle_event(EventType.START_RUN, fl_ctx)
+    return fl_ctx
+
+
+def test_exchanges_trainable_keys_and_saves_the_full_model_with_its_round(tmp_path):
+    network = _network(0)
+    persistor = TrainableModelPersistor(model=network)
+    fl_ctx = _started(persistor, tmp_path)
+    learnable = persistor.load_model(fl_ctx)
+    assert set(learnable[ModelLearnableKey.WEIGHTS]) == {"1.weight", "1.bias"}
+    update = {k: torch.full(v.shape, 7.0) for k, v in learnable[ModelLearnableKey.WEIGHTS].items()}
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 4, private=True, sticky=False)
+    persistor.save_model(make_model_learnable(update, {}), fl_ctx)
+    saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=True)
+    assert saved["meta_props"][COMPLETED_ROUNDS] == 5
+    assert torch.equal(saved["model"]["1.weight"], torch.full((2, 3), 7.0))
+    assert torch.equal(saved["model"]["0.weight"], network[0].weight)  # frozen part kept from the full model
+
+
+def test_resume_from_starts_at_the_saved_weights_not_the_initial_ones(tmp_path):
+    trained = _network(1)
+    checkpoint = tmp_path / "saved" / "FL_global_model.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"model": trained.state_dict(), "meta_props": {COMPLETED_ROUNDS: 3}}, checkpoint)
+    persistor = TrainableModelPersistor(model=_network(0), resume_from=str(checkpoint))
+    learnable = persistor.load_model(_started(persistor, tmp_path / "app"))
+    assert learnable[ModelLearnableKey.META][COMPLETED_ROUNDS] == 3
+    assert set(learnable[ModelLearnableKey.WEIGHTS]) == {"1.weight", "1.bias"}
+    for name in ("1.weight", "1.bias"):
+        assert torch.equal(torch.as_tensor(learnable[ModelLearnableKey.WEIGHTS][name]), trained.state_dict()[name])
