@@ -1,12 +1,14 @@
 """Wall time of a federated job in `nvflare simulator` against a plain in-process FedAvg loop.
 
-    .venv/bin/python benchmarks/bench_federation.py [--job fedmsa_prostate] [--rounds 5] [--clients 3]
+    .venv/bin/python benchmarks/bench_federation.py [--job fedmsa_prostate] [--rounds 10] [--clients 3] [--repeats 2]
 
 Both sides run the same bundle, data (``demo/data`` from ``make demo``), clients, rounds and local
 epochs, with the same client code (:class:`fedfms.fl.learner.BundleLearner`): the plain loop calls
 it directly, site after site, and averages the returned parameters by sample count in PyTorch.
 The simulator adds NVFlare's runtime (job deployment, messaging, serialization, persistence,
-recording) and runs the clients in parallel threads. Prints both times and their ratio.
+recording, TensorBoard streaming) and runs the clients in parallel processes. Each side is timed
+as a whole command, from process start (interpreter and imports included) to exit, alternating
+the two for ``--repeats`` pairs; prints every time, the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from nvflare.apis.fl_constant import FLMetaKey
@@ -37,10 +40,9 @@ def job_args(job: str) -> tuple[dict, dict]:
     return client, persistor
 
 
-def plain_fedavg(job: str, rounds: int, clients: int, work: Path) -> float:
+def plain_fedavg(job: str, rounds: int, clients: int, work: Path) -> None:
     """The same rounds with no NVFlare runtime: learners called in turn, weighted mean in PyTorch."""
     client_args, model_args = job_args(job)
-    start = time.perf_counter()
     learners = []
     for k in range(clients):
         learner = BundleLearner(**{**client_args, "tracking_writer_id": ""})
@@ -57,6 +59,13 @@ def plain_fedavg(job: str, rounds: int, clients: int, work: Path) -> float:
         weights = torch.tensor([float(r.meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND]) for r in results])
         weights /= weights.sum()
         global_params = {k: sum(w * r.params[k] for w, r in zip(weights, results)) for k in global_params}
+
+
+def plain_command(job: str, rounds: int, clients: int, work: Path) -> float:
+    """Wall time of the plain loop as its own process, like the simulator command."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--job", job, "--rounds", str(rounds), "--clients", str(clients), "--plain-in", str(work)],
+                   cwd=REPO, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -79,16 +88,22 @@ def simulator(job: str, rounds: int, clients: int, work: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="fedmsa_prostate")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="pairs of runs; medians are compared")
+    parser.add_argument("--plain-in", help=argparse.SUPPRESS)  # internal: run the plain loop in this folder
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = plain_fedavg(args.job, args.rounds, args.clients, Path(tmp) / "plain")
-        flare = simulator(args.job, args.rounds, args.clients, Path(tmp) / "flare")
-    print(f"job {args.job}, {args.clients} clients, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
-    print(f"  plain in-process FedAvg loop   {plain:7.1f} s")
-    print(f"  nvflare simulator              {flare:7.1f} s")
-    print(f"  ratio simulator / plain        {flare / plain:7.2f}x")
+    if args.plain_in:
+        return plain_fedavg(args.job, args.rounds, args.clients, Path(args.plain_in))
+    plain, flare = [], []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            plain.append(plain_command(args.job, args.rounds, args.clients, Path(tmp) / "plain"))
+            flare.append(simulator(args.job, args.rounds, args.clients, Path(tmp) / "flare"))
+    print(f"job {args.job}, {args.clients} clients, {args.rounds} rounds, {args.repeats} runs each")
+    print(f"  plain in-process FedAvg loop   median {median(plain):6.1f} s   runs " + ", ".join(f"{t:.1f}" for t in plain))
+    print(f"  nvflare simulator              median {median(flare):6.1f} s   runs " + ", ".join(f"{t:.1f}" for t in flare))
+    print(f"  ratio simulator / plain        {median(flare) / median(plain):6.2f}x (target 1.5x)")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,15 @@ class FinalEvaluation(ModelController):
     ``unseen:<SITE>`` for the site that never trained; it is not part of the average.
     """
 
-    def __init__(self, persistor_id: str = "persistor", task_name: str = "validate", file_name: str = "final_test", unseen_evaluator_id: str = "") -> None:
-        super().__init__(persistor_id=persistor_id)
+    def __init__(
+        self,
+        persistor_id: str = "persistor",
+        task_name: str = "validate",
+        file_name: str = "final_test",
+        unseen_evaluator_id: str = "",
+        task_check_period: float = 0.5,
+    ) -> None:
+        super().__init__(persistor_id=persistor_id, task_check_period=task_check_period)
         self.task_name = task_name
         self.file_name = file_name
         self.unseen_evaluator_id = unseen_evaluator_id
