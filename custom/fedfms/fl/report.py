@@ -44,7 +44,10 @@ def round_table(rows: list[dict]) -> str:
 
 
 def final_table(rows: list[dict]) -> str:
-    lines = ["final global model on each site's test split (unseen: the site left out of training)", f"{'site':<16}{'dice_2d':>10}{'iou_2d':>10}{'dice_3d':>10}"]
+    title = "final global model on each site's test split"
+    if any(str(r["site"]).startswith("unseen:") for r in rows):
+        title += " (unseen: the site left out of training, not in the average)"
+    lines = [title, f"{'site':<16}{'dice_2d':>10}{'iou_2d':>10}{'dice_3d':>10}"]
     lines += [f"{str(r['site']):<16}{_fmt(r.get('dice_2d')):>10}{_fmt(r.get('iou_2d')):>10}{_fmt(r.get('dice_3d')):>10}" for r in rows]
     return "\n".join(lines)
 
