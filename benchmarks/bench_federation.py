@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from fedfms.bundle import bundle_network
+from fedfms.fl.job_config import JobOptions, configure_job
 from fedfms.fl.learner import BundleLearner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,13 +70,11 @@ def plain_command(job: str, rounds: int, clients: int, work: Path) -> float:
 
 
 def simulator(job: str, rounds: int, clients: int, work: Path) -> float:
-    """The shipped job with ``num_rounds`` set, timed end to end through the CLI."""
-    job_dir = work / job
-    shutil.copytree(REPO / "jobs" / job, job_dir)
+    """The shipped job with ``num_rounds`` set (`fedfms job`), timed end to end through the CLI."""
+    job_dir = configure_job(REPO / "jobs" / job, work / job, JobOptions(num_rounds=rounds))
     server_config = job_dir / "app" / "config" / "config_fed_server.json"
     server = json.loads(server_config.read_text())
     server["workflows"] = [w for w in server["workflows"] if w["id"] == "fedavg"]  # rounds only, like the plain loop
-    server["workflows"][0]["args"]["num_rounds"] = rounds
     server_config.write_text(json.dumps(server))
     nvflare = Path(sys.executable).with_name("nvflare")
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The ``fedfms`` command: synthesise, prepare and partition data; count model parameters; report runs.
+"""The ``fedfms`` command: synthesise, prepare and partition data; count parameters; configure and report jobs.
 
 Exit codes: 0 success; 2 bad input or arguments (the message names the file and the problem);
 3 ``prepare --on-error skip`` finished but skipped files (listed in the summary).
@@ -92,6 +92,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(args: argparse.Namespace) -> int:
+    from fedfms.fl.job_config import JobOptions, configure_job
+
+    names = {f.name for f in fields(JobOptions)}
+    out = configure_job(args.job, args.out, JobOptions(**{k: v for k, v in vars(args).items() if k in names}))
+    print(f"job written to {out}; run it with: nvflare simulator {out} -w WORKSPACE -n N -t N")
+    return 0
+
+
 def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic data in a real raw layout")
     kinds = synth.add_subparsers(dest="kind", required=True)
@@ -172,6 +181,19 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_report)
 
 
+def _add_job(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("job", help="a configured copy of a job folder: profile, data, rounds, resume")
+    p.add_argument("job", help="a job folder, e.g. jobs/fedmsa_prostate")
+    p.add_argument("--out", required=True, help="new job folder to write (must not exist)")
+    p.add_argument("--profile", choices=("cpu_demo", "paper"), help="paper: the bundle's own sizes, 100 rounds x 1 local epoch")
+    p.add_argument("--pretrained-checkpoint", help="local SAM/MedSAM checkpoint (required by the paper profile of SAM jobs)")
+    p.add_argument("--dataset-dir", help="prepared data folder (default: the job's, demo/data)")
+    p.add_argument("--num-rounds", type=int, help="total federated rounds")
+    p.add_argument("--local-epochs", type=int, help="local epochs per round")
+    p.add_argument("--resume-from", help="FL_global_model.pt of an interrupted run: continue after its last round")
+    p.set_defaults(run=_job)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfms", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition(commands)
     _add_params(commands)
     _add_report(commands)
+    _add_job(commands)
     return parser
 
 

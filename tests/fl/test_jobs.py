@@ -15,6 +15,7 @@ from fedfms.cli import main
 from fedfms.data.partition import PartitionOptions, partition
 from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
+from fedfms.fl.job_config import JobOptions, configure_job
 from fedfms.fl.learner import site_datalist
 from fedfms.models import count_parameters
 
@@ -51,22 +52,9 @@ class Run:
         return self.workspace / APP
 
 
-def _job_copy(job: str, tmp_path: Path, dataset_dir: Path, rounds: int, **server_overrides) -> Path:
-    """The job folder as shipped, pointed at the test's data and round count."""
-    copy = tmp_path / job
-    shutil.copytree(REPO / "jobs" / job, copy)
-    server_file, client_file = copy / "app/config/config_fed_server.json", copy / "app/config/config_fed_client.json"
-    server, client = json.loads(server_file.read_text()), json.loads(client_file.read_text())
-    server["workflows"][0]["args"]["num_rounds"] = rounds
-    for component in server["components"]:
-        if component["id"] == "unseen":
-            component["args"]["dataset_dir"] = str(dataset_dir)
-        if component["id"] == "persistor":
-            component["args"].update(server_overrides)
-    client["components"][0]["args"]["dataset_dir"] = str(dataset_dir)
-    server_file.write_text(json.dumps(server))
-    client_file.write_text(json.dumps(client))
-    return copy
+def _job_copy(job: str, tmp_path: Path, dataset_dir: Path, rounds: int, resume_from: str | None = None) -> Path:
+    """The shipped job, configured for the test's data and round count as a user would (`fedfms job`)."""
+    return configure_job(REPO / "jobs" / job, tmp_path / job, JobOptions(dataset_dir=str(dataset_dir), num_rounds=rounds, resume_from=resume_from))
 
 
 def _simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3, expect_success: bool = True) -> str:
@@ -85,8 +73,8 @@ def _simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3
     return log
 
 
-def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data", **server_overrides) -> Run:
-    job_dir = _job_copy(job, tmp_path, fl_data / data, rounds, **server_overrides)
+def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data", resume_from: str | None = None) -> Run:
+    job_dir = _job_copy(job, tmp_path, fl_data / data, rounds, resume_from)
     log = _simulate(job_dir, tmp_path / "ws", clients)
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())["components"][0]["args"]
     return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"])

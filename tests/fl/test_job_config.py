@@ -1,0 +1,82 @@
+"""`fedfms job`: a configured copy of a shipped job (paper profile, data, rounds, resume)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from segment_anything import sam_model_registry
+
+from fedfms.bundle import bundle_network
+from fedfms.cli import main
+from fedfms.errors import DataError
+from fedfms.fl.job_config import JobOptions, bundle_args, configure_job
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _configs(job: Path) -> tuple[dict, dict]:
+    return tuple(json.loads((job / "app/config" / name).read_text()) for name in ("config_fed_client.json", "config_fed_server.json"))
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    path = tmp_path / "sam.pth"
+    path.write_bytes(b"weights")
+    return path
+
+
+def test_paper_profile_changes_every_place_the_bundle_is_named(tmp_path, checkpoint):
+    out = configure_job(REPO / "jobs/fedmsa_prostate_loso", tmp_path / "paper", JobOptions(profile="paper", pretrained_checkpoint=str(checkpoint), dataset_dir=str(tmp_path / "data")))
+    client, server = _configs(out)
+    places = bundle_args(client) + bundle_args(server)
+    assert len(places) == 3  # learner, persistor network, unseen-site evaluator
+    assert all(args["config_files"] == ["train.json"] for args in places)
+    assert all(str(checkpoint) in json.dumps(args) for args in places)
+    assert all(args["dataset_dir"] == str(tmp_path / "data") for args in places if "dataset_dir" in args)
+    assert server["workflows"][0]["args"]["num_rounds"] == 100 and bundle_args(client)[0]["local_epochs"] == 1
+    assert json.loads((out / "meta.json").read_text())["name"] == "paper"
+    assert (out / "app/custom/README.md").is_file()
+    assert bundle_args(_configs(REPO / "jobs/fedmsa_prostate_loso")[0])[0]["config_files"] == ["train.json", "cpu_demo.json"]  # source untouched
+
+
+def test_paper_profile_server_builds_vit_b_from_the_official_checkpoint(tmp_path):
+    official = sam_model_registry["vit_b"]()  # ViT-B at 1024, official key layout, random weights
+    checkpoint = tmp_path / "sam_vit_b.pth"
+    torch.save(official.state_dict(), checkpoint)
+    out = configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "paper", JobOptions(profile="paper", pretrained_checkpoint=str(checkpoint)))
+    persistor = next(c for c in _configs(out)[1]["components"] if c["id"] == "persistor")
+    network = bundle_network(**persistor["args"]["model"]["args"])
+    key = "image_encoder.patch_embed.proj.weight"
+    assert network.state_dict()[key].shape == (768, 3, 16, 16)  # ViT-B, not the demo's tiny encoder
+    assert torch.equal(network.state_dict()[key], official.state_dict()[key])  # loaded, not re-initialised
+
+
+def test_options_override_rounds_and_resume(tmp_path):
+    model = tmp_path / "FL_global_model.pt"
+    model.write_bytes(b"model")
+    out = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "more", JobOptions(num_rounds=3, local_epochs=4, resume_from=str(model)))
+    client, server = _configs(out)
+    assert server["workflows"][0]["args"]["num_rounds"] == 3 and bundle_args(client)[0]["local_epochs"] == 4
+    assert next(c for c in server["components"] if c["id"] == "persistor")["args"]["resume_from"] == str(model)
+    assert bundle_args(client)[0]["config_files"] == ["train.json", "cpu_demo.json"]  # the profile is kept
+
+
+def test_bad_requests_are_clear_errors_and_write_nothing(tmp_path, checkpoint):
+    with pytest.raises(ValueError, match="paper profile of bundles/fedsam_prostate needs --pretrained-checkpoint"):
+        configure_job(REPO / "jobs/fedsam_prostate", tmp_path / "a", JobOptions(profile="paper"))
+    configure_job(REPO / "jobs/fedunet_prostate", tmp_path / "unet", JobOptions(profile="paper"))  # U-Nets train from scratch
+    with pytest.raises(DataError, match="pretrained checkpoint not found"):
+        JobOptions(profile="paper", pretrained_checkpoint=str(tmp_path / "missing.pth"))
+    with pytest.raises(DataError, match="already exists"):
+        configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "unet", JobOptions())
+    with pytest.raises(DataError, match="not an NVFlare job folder"):
+        configure_job(tmp_path, tmp_path / "b", JobOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sam.pth", "unet"]
+
+
+def test_job_command(tmp_path, checkpoint, capsys):
+    assert main(["job", "jobs/fedsam_prostate", "--out", str(tmp_path / "j"), "--profile", "paper", "--pretrained-checkpoint", str(checkpoint)]) == 0
+    assert f"nvflare simulator {tmp_path / 'j'}" in capsys.readouterr().out
+    assert main(["job", "jobs/fedsam_prostate", "--out", str(tmp_path / "k"), "--profile", "paper"]) == 2
+    assert "needs --pretrained-checkpoint" in capsys.readouterr().err
