@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedfms.bundle import bundle_network
 from fedfms.cli import main
@@ -21,7 +22,7 @@ from fedfms.models import count_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 NVFLARE = Path(sys.executable).with_name("nvflare")
-LOG_FAILURES = ("Unsuccessful callback", "FOBS protocol error", "Could not start", "failed to download", "Traceback")
+LOG_FAILURES = ("Unsuccessful callback", "FOBS protocol error", "Could not start", "failed to download", "Traceback", "Empty result from client", "accepted=False")
 SITES = ("BMC", "I2CVB", "RUNMC")  # the three synthetic sites, in sorted order (site-1..3)
 APP = Path("server/simulate_job/app_server")
 
@@ -104,6 +105,7 @@ def _check_federated_run(run: Run, rounds: list[int], sites: list[str]) -> torch
     assert all(r["accepted"] and r["num_train_samples"] == samples[r["site"]] for r in rows)
     assert {r["bytes_received"] for r in rows} == {count_parameters(initial).bytes_per_round}
     assert all(0 <= r["global_val_dice"] <= 1 for r in rows)
+    assert all(f"round {n} {site}: accepted=True, {count_parameters(initial).bytes_per_round:,} bytes" in run.log for n in rounds for site in sites)
     final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
     assert set(sites) | {"average"} <= set(final)
     assert final["average"]["dice_2d"] == pytest.approx(sum(final[s]["dice_2d"] for s in sites) / len(sites))
@@ -118,7 +120,11 @@ def fedmsa_run(fl_data, tmp_path_factory) -> Run:
 def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fedmsa_run, tmp_path):
     _check_federated_run(fedmsa_run, rounds=[0, 1], sites=["site-1", "site-2", "site-3"])
     app = fedmsa_run.app
-    assert len(list((fedmsa_run.workspace / "server/simulate_job/tb_events").glob("site-*/events.out.tfevents.*"))) == 3
+    for site in ("site-1", "site-2", "site-3"):  # streamed to the server's TensorBoard through NVFlare's tracking API
+        events = EventAccumulator(str(fedmsa_run.workspace / "server/simulate_job/tb_events" / site))
+        events.Reload()
+        assert {"train_loss", "global_val_dice", "local_val_dice"} <= set(events.Tags()["scalars"])
+        assert [e.step for e in events.Scalars("train_loss")] == [0, 1]
     assert (app / "final_test.csv").read_text().startswith("site,dice_2d,iou_2d,dice_3d")
     assert (app / "best_FL_global_model.pt").is_file()  # IntimeModelSelector + persistor keep the best global model
     # The report reads those tables and draws the plot.
