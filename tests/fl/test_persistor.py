@@ -46,8 +46,12 @@ def test_resume_from_starts_at_the_saved_weights_not_the_initial_ones(tmp_path):
     checkpoint.parent.mkdir()
     torch.save({"model": trained.state_dict(), "meta_props": {COMPLETED_ROUNDS: 3}}, checkpoint)
     persistor = TrainableModelPersistor(model=_network(0), resume_from=str(checkpoint))
+    (tmp_path / "app").mkdir()
     learnable = persistor.load_model(_started(persistor, tmp_path / "app"))
     assert learnable[ModelLearnableKey.META][COMPLETED_ROUNDS] == 3
     assert set(learnable[ModelLearnableKey.WEIGHTS]) == {"1.weight", "1.bias"}
     for name in ("1.weight", "1.bias"):
         assert torch.equal(torch.as_tensor(learnable[ModelLearnableKey.WEIGHTS][name]), trained.state_dict()[name])
+    restarted = torch.load(tmp_path / "app" / "FL_global_model.pt", weights_only=True)  # this run's global model starts there
+    assert restarted["meta_props"][COMPLETED_ROUNDS] == 3
+    assert all(torch.equal(restarted["model"][k], v) for k, v in trained.state_dict().items())

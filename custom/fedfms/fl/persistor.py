@@ -54,6 +54,8 @@ class TrainableModelPersistor(PTFileModelPersistor):
         if self.source_ckpt_file_full_name:
             done = (learnable.get(ModelLearnableKey.META) or {}).get(COMPLETED_ROUNDS, 0)
             self.log_info(fl_ctx, f"resuming from {self.source_ckpt_file_full_name}, saved after {done} completed rounds")
+            # This run's global model starts as the resumed one, so it exists even if no round is left to run.
+            self.save_model_file(self._ckpt_save_path)
         return learnable
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
