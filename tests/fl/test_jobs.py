@@ -157,14 +157,15 @@ def test_fedsam_job_runs_with_real_site_names(fl_data, tmp_path):
     assert _trainable(initial) == set(initial.state_dict()) - {k for k, _ in initial.named_buffers()}  # full fine-tuning
 
 
-@pytest.mark.parametrize("job", ["fedunet_prostate", "fednnunet_prostate"])
-def test_unet_baseline_jobs(job, fl_data, tmp_path):
-    _check_federated_run(_run(job, fl_data, tmp_path, rounds=1, clients=2), rounds=[0], sites=["site-1", "site-2"])
+@pytest.mark.parametrize("job, clients", [("fedunet_prostate", ("BMC", "RUNMC")), ("fednnunet_prostate", 2)])
+def test_unet_baseline_jobs(job, clients, fl_data, tmp_path):
+    sites = list(clients) if isinstance(clients, tuple) else ["site-1", "site-2"]
+    _check_federated_run(_run(job, fl_data, tmp_path, rounds=1, clients=clients), rounds=[0], sites=sites)
 
 
 def test_leave_one_site_out_job_tests_the_unseen_site(fl_data, tmp_path):
-    run = _run("fedmsa_prostate_loso", fl_data, tmp_path, rounds=1, clients=2)
-    _check_federated_run(run, rounds=[0], sites=["site-1", "site-2"])
+    run = _run("fedmsa_prostate_loso", fl_data, tmp_path, rounds=1, clients=("BMC", "I2CVB"))
+    _check_federated_run(run, rounds=[0], sites=["BMC", "I2CVB"])
     assert {r["data"] for r in json.loads((run.app / "round_metrics.json").read_text())} == {"BMC", "I2CVB"}  # RUNMC never trains
     final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
     assert all(0 <= final["unseen:RUNMC"][k] <= 1 for k in ("dice_2d", "iou_2d", "dice_3d"))
