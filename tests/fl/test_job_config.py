@@ -62,6 +62,12 @@ def test_options_override_rounds_and_resume(tmp_path):
     assert bundle_args(client)[0]["config_files"] == ["train.json", "cpu_demo.json"]  # the profile is kept
 
 
+def test_a_checkpoint_alone_keeps_the_profile(tmp_path, checkpoint):
+    out = configure_job(REPO / "jobs/fedsam_prostate", tmp_path / "ckpt", JobOptions(pretrained_checkpoint=str(checkpoint)))
+    places = bundle_args(_configs(out)[0]) + bundle_args(_configs(out)[1])
+    assert all(args["config_files"] == ["train.json", "cpu_demo.json"] and str(checkpoint) in json.dumps(args) for args in places)
+
+
 def test_bad_requests_are_clear_errors_and_write_nothing(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="paper profile of bundles/fedsam_prostate needs --pretrained-checkpoint"):
         configure_job(REPO / "jobs/fedsam_prostate", tmp_path / "a", JobOptions(profile="paper"))

@@ -71,8 +71,9 @@ def bundle_args(config: dict) -> list[dict]:
 
 
 def _set_profile(args: dict, options: JobOptions) -> None:
-    files = [f for f in args["config_files"] if f != DEMO_CONFIG]
-    args["config_files"] = files + [DEMO_CONFIG] if options.profile == "cpu_demo" else files
+    if options.profile:
+        files = [f for f in args["config_files"] if f != DEMO_CONFIG]
+        args["config_files"] = files + [DEMO_CONFIG] if options.profile == "cpu_demo" else files
     if options.pretrained_checkpoint:
         checkpoint = str(Path(options.pretrained_checkpoint).resolve())
         if "dataset_dir" in args:  # learner and unseen-site evaluator: an ``overrides`` dict
@@ -91,13 +92,12 @@ def _check_checkpoint(args: dict, options: JobOptions) -> None:
 
 def configure(client: dict, server: dict, options: JobOptions) -> None:
     """Apply ``options`` to a job's client and server configs in place."""
+    learner = bundle_args(client)[0]
     for args in bundle_args(client) + bundle_args(server):
         _check_checkpoint(args, options)
-        if options.profile or options.pretrained_checkpoint:
-            _set_profile(args, options)
+        _set_profile(args, options)
         if options.dataset_dir and "dataset_dir" in args:
             args["dataset_dir"] = str(Path(options.dataset_dir).resolve())
-    learner = bundle_args(client)[0]
     fedavg = server["workflows"][0]["args"]
     paper = options.profile == "paper"
     if options.num_rounds or paper:
