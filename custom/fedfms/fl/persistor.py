@@ -40,8 +40,8 @@ class TrainableModelPersistor(PTFileModelPersistor):
 
     def exchanged(self, learnable: ModelLearnable) -> ModelLearnable:
         """``learnable`` restricted to the trainable parameters, the part that travels."""
-        weights = learnable[ModelLearnableKey.WEIGHTS]
-        learnable[ModelLearnableKey.WEIGHTS] = {k: v for k, v in weights.items() if k in self.trainable_names()}
+        weights, trainable = learnable[ModelLearnableKey.WEIGHTS], self.trainable_names()
+        learnable[ModelLearnableKey.WEIGHTS] = {k: v for k, v in weights.items() if k in trainable}
         return learnable
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
