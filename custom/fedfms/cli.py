@@ -64,15 +64,17 @@ def _params(args: argparse.Namespace) -> int:
     from fedfms.models.counting import component_counts, count_parameters
     from fedfms.models.factory import build_model
     from fedfms.models.checkpoints import load_checkpoint
+    from fedfms.models.litemedsam import NATIVE_IMAGE_SIZE, resolve_checkpoint
     from fedfms.models.strategies import trainable_names
 
+    image_size = args.image_size or (NATIVE_IMAGE_SIZE if args.size == "lite" else 1024)
     model = build_model(
-        args.model, args.strategy, size=args.size, image_size=args.image_size, num_classes=args.num_classes,
+        args.model, args.strategy, size=args.size, image_size=image_size, num_classes=args.num_classes,
         lora_rank=args.lora_rank, depth_adapter=args.depth_adapter,
     )
-    print(f"model {args.model}, size {args.size}, image {args.image_size}, classes {args.num_classes}, strategy {args.strategy}")
+    print(f"model {args.model}, size {args.size}, image {image_size}, classes {args.num_classes}, strategy {args.strategy}")
     if args.checkpoint:
-        print(load_checkpoint(model, args.checkpoint).summary())
+        print(load_checkpoint(model, resolve_checkpoint(args.checkpoint)).summary())
     count = count_parameters(model)
     print(f"total parameters      {count.total:>13,}")
     print(f"trainable parameters  {count.trainable:>13,}  ({100 * count.trainable / count.total:.2f}%)")
@@ -104,7 +106,11 @@ def _job(args: argparse.Namespace) -> int:
 def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic data in a real raw layout")
     kinds = synth.add_subparsers(dest="kind", required=True)
-    p = kinds.add_parser("prostate", help="multi-site prostate T2 MRI in the SAML layout (RAW/<SITE>/CaseNN.nii.gz)")
+    p = kinds.add_parser(
+        "prostate",
+        help="multi-site prostate T2 MRI in the SAML layout (RAW/<SITE>/CaseNN.nii.gz), "
+        "patient ages in RAW/<SITE>/clinical.csv",
+    )
     p.add_argument("--out", required=True, help="raw data folder to write")
     p.add_argument("--sites", nargs="+", default=["6"], help="number of sites (1-6) or site names (default: 6)")
     p.add_argument("--cases-per-site", type=int, default=6)
@@ -123,7 +129,7 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--zscore", action="store_true", help="z-score with per-site statistics of training volumes")
     p.add_argument("--num-slices", type=int, default=1, help="stack size N, odd (FedFMS 1, FLAP-SAM 5)")
     p.add_argument("--all-label-slices", action="store_true", help="keep the labels of all N slices, not only the centre")
-    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--image-size", type=int, help="input size (default: 256 for lite, 1024 for the ViT sizes)")
     p.add_argument("--label-size", type=int, default=256, help="label size (FedFMS: 256 with 1024 images)")
     p.add_argument("--multi-class", action="store_true", help="keep label values instead of merging them to foreground")
     p.add_argument("--num-classes", type=int, help="number of classes with --multi-class (values 0..C-1)")
@@ -147,7 +153,12 @@ def _add_partition(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default: DATA/partitions/<method>)")
     p.add_argument("--clients", dest="num_clients", type=int, default=3, help="number of clients (quantity, attribute, dirichlet)")
     p.add_argument("--unseen", dest="unseen_site", help="the held-out site (loso)")
-    p.add_argument("--attribute", default="gland_volume_ml", help="per-case attribute to skew by (attribute)")
+    p.add_argument(
+        "--attribute",
+        default="gland_volume_ml",
+        help="per-case attribute to skew by (attribute): gland_volume_ml, num_slices, or a column of the sites' "
+        "clinical.csv such as age (age skew: client 1 youngest)",
+    )
     p.add_argument("--attributes-csv", help="CSV with columns site, case, <attribute>... adding per-case attributes")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (quantity, dirichlet); small = skewed")
     p.add_argument("--proxy-fraction", type=float, default=0.1, help="share of each site's training cases kept for the server")
@@ -165,11 +176,11 @@ def _add_params(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=MODELS, default="sam")
     p.add_argument("--strategy", choices=list(STRATEGIES), default="full")
     p.add_argument("--size", choices=list(SAM_SIZES), default="vit_b")
-    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--image-size", type=int, help="input size (default: 256 for lite, 1024 for the ViT sizes)")
     p.add_argument("--num-classes", type=int, default=1)
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--depth-adapter", action="store_true", help="MSA depth adapter (FedFMS's 14.7M setting)")
-    p.add_argument("--checkpoint", help="local checkpoint to load; prints the key report")
+    p.add_argument("--checkpoint", help="local checkpoint to load, or 'litemedsam' for the packaged LiteMedSAM weights; prints the key report")
     p.add_argument("--list", action="store_true", help="list the trainable parameter names")
     p.set_defaults(run=_params)
 
@@ -191,6 +202,8 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--num-rounds", type=int, help="total federated rounds")
     p.add_argument("--local-epochs", type=int, help="local epochs per round")
     p.add_argument("--resume-from", help="FL_global_model.pt of an interrupted run: continue after its last round")
+    p.add_argument("--datalist-dir", help="the partition inside the dataset folder, e.g. partitions/quantity")
+    p.add_argument("--init-mode", choices=("random", "pretrain", "fm"), help="initial global model of a job with the FM-instructed-init pre-stage")
     p.set_defaults(run=_job)
 
 

@@ -12,7 +12,7 @@ from fedfms.data.synthetic import synthesize_prostate
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "bundles"
-NAMES = ("fedsam_prostate", "fedmsa_prostate", "flapsam_prostate", "unet_prostate", "dynunet_prostate")
+NAMES = ("fedsam_prostate", "fedmsa_prostate", "flapsam_prostate", "unet_prostate", "dynunet_prostate", "smlite_prostate")
 
 
 @pytest.fixture(scope="session")

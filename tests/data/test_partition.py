@@ -144,3 +144,36 @@ def test_cli_prints_summary_table(prepared, tmp_path, capsys):
     assert "cases train/val/test" in out and "RUNMC" in out and PROXY in out
     assert main(["partition", "--data", str(tmp_path / "nothing")]) == 2
     assert "no prepared datalists found" in capsys.readouterr().err
+
+
+def _ages_in_tables(raw: Path) -> dict[tuple[str, str], int]:
+    ages = {}
+    for table in raw.glob("*/clinical.csv"):
+        with open(table, newline="") as f:
+            ages.update({(table.parent.name, row["case"]): int(row["age"]) for row in csv.DictReader(f)})
+    return ages
+
+
+def test_age_skew_from_the_clinical_tables(prepared, tmp_path):
+    """Synthetic ages travel clinical.csv -> prepare.json -> partition; client 1 gets the youngest patients."""
+    cases = load_prepared_cases(prepared)
+    age = {c.key: c.attributes["age"] for c in cases}
+    assert age == _ages_in_tables(prepared.parent / "raw")
+    result = partition(prepared, tmp_path, PartitionOptions(method="attribute", attribute="age", num_clients=3))
+    owners = _assert_disjoint_and_complete(prepared, tmp_path)
+    split = {c.key: c.split for c in cases}
+    for s in SPLITS:
+        ranges = [sorted(age[k] for k, o in owners.items() if o == f"site-{i}" and split[k] == s) for i in (1, 2, 3)]
+        assert all(ranges), f"a client without {s} cases"
+        # Contiguous age bands; equal ages may fall on both sides of a cut, never younger after older.
+        assert ranges[0][-1] <= ranges[1][0] and ranges[1][-1] <= ranges[2][0]
+        assert ranges[0][0] < ranges[2][-1]
+    assert all(result.counts[f"site-{i}"]["cases"]["training"] >= 1 for i in (1, 2, 3))
+
+
+def test_age_skew_from_the_command_line(prepared, tmp_path, capsys):
+    argv = ["partition", "--data", str(prepared), "--method", "attribute", "--attribute", "age", "--clients", "3"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert "site-3" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "partition.json").read_text())
+    assert summary["options"]["attribute"] == "age" and summary["clients"] == ["site-1", "site-2", "site-3"]

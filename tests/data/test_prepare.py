@@ -1,6 +1,7 @@
 """``fedfms prepare`` end to end on small files written in each raw layout."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,11 @@ import SimpleITK as sitk
 from monai.data import load_decathlon_datalist
 
 import fedfms
+from fedfms.cli import main
 from fedfms.data import prepare as prepare_module
+from fedfms.data.partition import load_prepared_cases
 from fedfms.data.prepare import PrepareOptions, prepare
+from fedfms.errors import DataError
 from tests.conftest import gland_case, write_nifti, write_saml
 
 SMALL = dict(image_size=16, label_size=8, num_slices=3)
@@ -180,3 +184,63 @@ def test_drop_empty_and_all_label_slices(tmp_path):
     result = prepare(raw, tmp_path / "data", options, log=_quiet)
     assert [s["slice"] for s in result.cases[0]["samples"]] == [2, 3, 4, 5]  # the gland covers slices 2..5
     assert np.load(tmp_path / "data" / "labels" / "A" / "Case00_002.npy").shape == (5, 8, 8)
+
+
+def _write_clinical(raw: Path, site: str, text: str) -> Path:
+    path = raw / site / "clinical.csv"
+    path.write_text(text)
+    return path
+
+
+def test_clinical_attributes_reach_prepare_json_and_an_edit_reuses_every_sample(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A", "B"), cases=3)
+    _write_clinical(raw, "A", "case,age,smoker\nCase00,64,no\nCase01,71,yes\nCase02,48,\n")
+    options = PrepareOptions(**SMALL)
+    prepare(raw, tmp_path / "data", options, log=_quiet)
+    summary = json.loads((tmp_path / "data" / "prepare.json").read_text())
+    attributes = {(c["site"], c["case"]): c["attributes"] for c in summary["cases"]}
+    assert set(attributes["A", "Case00"]) == {*prepare_module.VOLUME_ATTRIBUTES, "age", "smoker"}
+    assert (attributes["A", "Case00"]["age"], attributes["A", "Case00"]["smoker"]) == (64, "no")
+    assert attributes["A", "Case02"]["age"] == 48 and "smoker" not in attributes["A", "Case02"]
+    assert set(attributes["B", "Case00"]) == set(prepare_module.VOLUME_ATTRIBUTES)  # B has no table
+    manifest = json.loads((tmp_path / "data" / "cases" / "A" / "Case00.json").read_text())
+    assert "age" not in manifest["attributes"]  # clinical data is not part of what the samples depend on
+
+    samples = sorted((tmp_path / "data").glob("*/A/*"))  # sample files and manifests of site A
+    mtimes = {p: p.stat().st_mtime_ns for p in samples}
+    _write_clinical(raw, "A", "case,age\nCase00,66\nCase02,\n")
+    again = prepare(raw, tmp_path / "data", options, log=_quiet)
+    assert (again.processed, again.reused) == (0, 6)
+    assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "data").glob("*/A/*"))} == mtimes
+    cases = {c.key: c for c in load_prepared_cases(tmp_path / "data")}
+    assert cases["A", "Case00"].attributes["age"] == 66
+    assert "age" not in cases["A", "Case01"].attributes and "age" not in cases["A", "Case02"].attributes
+    assert cases["A", "Case00"].attributes["gland_volume_ml"] == attributes["A", "Case00"]["gland_volume_ml"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("case,age,gland_volume_ml\nCase00,60,31.5\n", "column(s) 'gland_volume_ml' clash with attributes computed"),
+        ("case,num_slices\nCase00,12\n", "column(s) 'num_slices' clash"),
+        ("case,age\nCase00,60\nCase00,61\n", "case 'Case00' appears twice"),
+        ("patient,age\nCase00,60\n", "has no 'case' column"),
+    ],
+)
+def test_bad_clinical_table_stops_prepare_before_any_volume(tmp_path, capsys, text, problem):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=1)
+    table = _write_clinical(raw, "A", text)
+    with pytest.raises(DataError, match=re.escape(f"{table}: {problem}")):
+        prepare(raw, tmp_path / "data", PrepareOptions(on_error="skip", **SMALL), log=_quiet)
+    assert not (tmp_path / "data").exists()
+    assert main(["prepare", "--src", str(raw), "--out", str(tmp_path / "data"), "--image-size", "8"]) == 2
+    assert f"error: {table}: {problem}" in capsys.readouterr().err
+
+
+def test_clinical_rows_without_volumes_are_reported(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=2)
+    table = _write_clinical(raw, "A", "case,age\nCase00,60\nCase07,70\nCase01,55\ncase09,80\n")
+    lines: list[str] = []
+    result = prepare(raw, tmp_path / "data", PrepareOptions(**SMALL), log=lines.append)
+    assert lines == [f"warning: {table}: no volumes for case(s) Case07, case09; their rows are ignored"]
+    assert [c["attributes"]["age"] for c in result.cases] == [60, 55]

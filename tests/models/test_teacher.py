@@ -119,3 +119,37 @@ def test_build_from_checkpoint_and_refuse_mismatched_kinds(tmp_path):
         build_teacher("sam_med2d", "tiny", tmp_path / "sam.pth", image_size=TEACHER_SIZE)
     with pytest.raises(DataError, match="adapter"):
         build_teacher("sam", "tiny", tmp_path / "med2d.pth", image_size=TEACHER_SIZE)
+
+
+def test_litemedsam_teacher_uses_the_packaged_weights_and_its_own_normalisation():
+    lite = build_teacher("litemedsam")
+    assert lite.image_size == 256 and lite.normalisation == "minmax"
+    assert lite.load_report is not None and len(lite.load_report.loaded) == 435
+    assert not lite.load_report.initialised and not lite.load_report.unexpected
+    image = torch.rand(2, 1, 64, 64) * 0.5 + torch.tensor([0.1, 0.4]).view(2, 1, 1, 1)
+    x = lite.preprocess(image)
+    assert x.shape == (2, 3, 256, 256)
+    assert torch.allclose(x.amin(dim=(1, 2, 3)), torch.zeros(2)) and torch.allclose(x.amax(dim=(1, 2, 3)), torch.ones(2))
+    with pytest.raises(ValueError, match="256 px input"):
+        build_teacher("litemedsam", image_size=128)
+
+
+@pytest.mark.slow
+def test_litemedsam_teacher_segments_synthetic_prostate_from_ground_truth_boxes(tmp_path):
+    """The real pretrained teacher, on slices prepared at its own 256 px: Dice >= 0.8 against the labels."""
+    import numpy as np
+
+    from fedfms.data.prepare import PrepareOptions, prepare
+    from fedfms.data.synthetic import synthesize_prostate
+
+    synthesize_prostate(tmp_path / "raw", sites=["RUNMC", "HK"], cases_per_site=1, seed=4)
+    result = prepare(tmp_path / "raw", tmp_path / "data", PrepareOptions(image_size=256, label_size=256), log=lambda _: None)
+    samples = [s for case in result.cases for s in case["samples"]]
+    labels = [np.load(tmp_path / "data" / s["label"]) for s in samples]
+    chosen = [i for i, label in enumerate(labels) if label.any()][::4]  # every 4th slice with foreground, both sites
+    images = torch.stack([torch.from_numpy(np.load(tmp_path / "data" / samples[i]["image"])) for i in chosen])
+    masks = torch.stack([torch.from_numpy(labels[i].astype(np.float32)) for i in chosen])
+    logits = build_teacher("litemedsam")(images, masks)
+    predicted, truth = logits > 0, masks > 0
+    dice = 2 * (predicted & truth).sum(dim=(1, 2, 3)) / (predicted.sum(dim=(1, 2, 3)) + truth.sum(dim=(1, 2, 3)))
+    assert len(chosen) >= 5 and dice.mean() >= 0.8, dice

@@ -56,7 +56,8 @@ class PartitionOptions:
     method: str = "natural"
     num_clients: int = 3  # quantity, attribute, dirichlet
     unseen_site: str | None = None  # loso
-    attribute: str = "gland_volume_ml"  # attribute: a prepared case attribute or a column of attributes_csv
+    # attribute: a prepared case attribute (clinical.csv columns too, e.g. age) or a column of attributes_csv
+    attribute: str = "gland_volume_ml"
     attributes_csv: str | None = None  # per-case table with columns site, case, <attribute>...
     alpha: float = 0.5  # Dirichlet concentration for quantity and dirichlet
     proxy_fraction: float = 0.1
@@ -222,7 +223,10 @@ class Partitioner:
         name = self.options.attribute
         missing = [f"{c.site}/{c.case}" for c in cases if not isinstance(c.attributes.get(name), (int, float))]
         if missing:
-            raise ValueError(f"attribute {name!r} is missing or not a number for cases {', '.join(missing[:5])}")
+            raise ValueError(
+                f"attribute {name!r} is missing or not a number for cases {', '.join(missing[:5])}; case attributes are "
+                "those prepare computed or read from each site's clinical.csv, and the columns of --attributes-csv"
+            )
         owners = {}
         even = [1.0] * len(self.clients)
         for group in self._per_split(cases).values():

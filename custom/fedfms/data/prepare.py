@@ -14,6 +14,12 @@ and slicing into N-slice stacks. Every sample is saved as ``.npy``:
 Paths in datalists are relative to the datalist's folder, so ``monai.data.load_decathlon_datalist``
 resolves them without a ``base_dir``. Re-running with the same options and unchanged sources skips
 cases whose manifest is current; a case without a manifest (e.g. an interrupted run) is redone.
+
+Each case's ``attributes`` in ``prepare.json`` hold what is computed from its volumes
+(:data:`VOLUME_ATTRIBUTES`) and the columns of its site's clinical table
+(:mod:`fedfms.data.clinical`, e.g. ``age``). Clinical attributes do not change the samples, so they
+stay out of the case manifests and their fingerprints: an edited table is picked up by the next run
+without rewriting a single sample.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from monai.transforms import (
 )
 
 import fedfms
+from fedfms.data.clinical import clinical_table_path, read_clinical
 from fedfms.data.layouts import CaseRecord, find_cases
 from fedfms.data.validation import check_case
 from fedfms.errors import DataError
@@ -49,6 +56,7 @@ from fedfms.transforms import DepthToChanneld, SelectChanneld, SliceStacksd
 
 SPLITS = ("training", "validation", "testing")
 WRITER_THREADS = 4
+VOLUME_ATTRIBUTES = ("shape", "spacing_mm", "num_slices", "gland_volume_ml")  # see _case_attributes
 
 
 @dataclass
@@ -221,6 +229,7 @@ class Preparer:
 
     def run(self) -> PrepareResult:
         records = self._records()
+        clinical = self._clinical(records)  # before any volume: a bad table fails the run at once
         split = split_cases(records, self.options)
         skipped: list[dict] = []
         stats = self._site_stats(records, split, skipped) if self.options.zscore else {}
@@ -243,7 +252,9 @@ class Preparer:
                 writing = None if case.reused else case
                 result.reused += case.reused
                 result.processed += not case.reused
-                result.cases.append({**case.manifest, "split": split[(record.site, record.case)]})
+                key = (record.site, record.case)
+                attributes = {**case.manifest["attributes"], **clinical.get(key, {})}
+                result.cases.append({**case.manifest, "attributes": attributes, "split": split[key]})
             if writing:
                 writing.finish()
         self._write_datalists(result)
@@ -259,6 +270,23 @@ class Preparer:
                 raise DataError(self.src, f"sites not found: {', '.join(unknown)}")
             records = [r for r in records if r.site in o.sites]
         return records
+
+    def _clinical(self, records: list[CaseRecord]) -> dict[tuple[str, str], dict]:
+        """Clinical attributes of the cases, from the tables of the sites being prepared.
+
+        A row whose case has no volumes is most likely a typo or a case removed on purpose: it is
+        reported and ignored rather than failing the run.
+        """
+        o = self.options
+        sites = sorted({r.site for r in records})
+        clinical = read_clinical(self.src, o.layout, sites, msd_site=o.msd_site, reserved=VOLUME_ATTRIBUTES)
+        orphans: dict[str, list[str]] = defaultdict(list)
+        for site, case in sorted(set(clinical) - {(r.site, r.case) for r in records}):
+            orphans[site].append(case)
+        for site, cases in orphans.items():
+            table = clinical_table_path(self.src, o.layout, site, o.msd_site)
+            self.log(f"warning: {table}: no volumes for case(s) {', '.join(cases)}; their rows are ignored")
+        return clinical
 
     def _skip_or_raise(self, record: CaseRecord, err: DataError, skipped: list[dict]) -> None:
         if self.options.on_error == "stop":
@@ -404,7 +432,7 @@ def _datalist_entries(case: dict) -> list[dict]:
 
 
 def _case_attributes(volumes: dict) -> dict:
-    """Per-case facts usable for attribute-skewed partitions and reports."""
+    """Per-case facts usable for attribute-skewed partitions and reports (:data:`VOLUME_ATTRIBUTES`)."""
     image, label = volumes["image"], volumes["label"]
     spacing = [float(s) for s in image.pixdim[:3]]
     foreground = int(torch.count_nonzero(label))

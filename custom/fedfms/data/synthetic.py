@@ -7,7 +7,22 @@ sites do (scanner gain and offset, coil bias, noise, matrix size, slice thicknes
 affine orientation, on-disk dtype, label convention and gland size), so that preprocessing,
 orientation handling and federated training meet the same heterogeneity they meet on real data.
 
-Layout written: ``<out_dir>/<SITE>/CaseNN.nii.gz`` with ``CaseNN_segmentation.nii.gz``.
+Each case also has a patient age, exported beside the volumes the way hospitals export clinical
+metadata, so that ``fedfms partition --method attribute --attribute age`` can simulate the age skew
+of the FM-instructed initialisation paper. Ages are whole years drawn uniformly from ``AGE_RANGE``
+(45 to 80, the span of prostate MRI cohorts) by a random generator of their own, so the anatomy,
+bias field and noise of a case are drawn exactly as before ages existed. Age also shapes the label,
+as benign prostatic hyperplasia does on real data: the gland volume grows by
+``GLAND_GROWTH_PER_YEAR`` = 2.5 % a year (the rate longitudinal MRI studies of ageing men report),
+i.e. the nominal volume is multiplied by ``exp(0.025 * (age - 60))`` (0.69 at 45, 1.65 at 80) and
+the linear size by its cube root, on top of the site's own ``gland_scale`` variation. An age skew
+is therefore also a skew of the label distribution.
+
+Layout written::
+
+    <out_dir>/<SITE>/CaseNN.nii.gz                 image
+    <out_dir>/<SITE>/CaseNN_segmentation.nii.gz    label
+    <out_dir>/<SITE>/clinical.csv                  columns ``case,age``: one row per case written
 """
 
 from __future__ import annotations
@@ -21,9 +36,24 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt
 
-from fedfms.io import atomic_write
+from fedfms.data.clinical import CLINICAL_FILE
+from fedfms.io import atomic_write, save_csv
 
-__all__ = ["SITE_PROFILES", "SiteProfile", "synthesize_case", "synthesize_prostate"]
+__all__ = [
+    "AGE_RANGE",
+    "GLAND_GROWTH_PER_YEAR",
+    "SITE_PROFILES",
+    "SiteProfile",
+    "gland_volume_factor",
+    "patient_age",
+    "synthesize_case",
+    "synthesize_prostate",
+]
+
+AGE_RANGE = (45, 80)  # years, inclusive
+GLAND_GROWTH_PER_YEAR = 0.025  # relative gland volume growth per year of age (BPH)
+_REFERENCE_AGE = 60.0  # the age at which the gland has its nominal size
+_AGE_STREAM = 1  # last seed word of the age stream; the image stream is seeded without it
 
 _MIN_SIZE = 8
 _EDGE_MM = 0.7  # half-width of the partial-volume blur at tissue boundaries
@@ -145,14 +175,16 @@ def _paint(image: np.ndarray, distance: np.ndarray, value: float) -> None:
 
 
 def _gland(
-    rng: np.random.Generator, profile: SiteProfile, grid: _Grid
+    rng: np.random.Generator, profile: SiteProfile, grid: _Grid, age: float
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float, float]]:
     """Signed distances of the gland and its central gland, plus (x0, y0, z0, b, c) to place neighbours.
 
     The gland is a lobulated, apex-tapered ellipsoid centred on a voxel centre (so the label is never
-    empty) and shrunk if needed so it stays inside the volume with at least one empty slice at each end.
+    empty), enlarged with age (BPH) on top of the site's size variation, and shrunk if needed so it
+    stays inside the volume with at least one empty slice at each end.
     """
-    a = 22.0 * float(np.clip(rng.normal(*profile.gland_scale), 0.7, 1.3))  # 44 mm nominal width
+    site_scale = float(np.clip(rng.normal(*profile.gland_scale), 0.7, 1.3))
+    a = 22.0 * site_scale * float(np.cbrt(gland_volume_factor(age)))  # 44 mm nominal width at 60
     b, c = a * rng.uniform(0.65, 0.8), a * rng.uniform(0.75, 0.95)
     taper = rng.uniform(0.05, 0.2)
     amps, phases = rng.uniform(0.0, 0.05, 3), rng.uniform(0.0, 2 * np.pi, 3)
@@ -176,9 +208,9 @@ def _gland(
     return gland, np.maximum(gland, central), (x0, y0, z0, b, c)
 
 
-def _anatomy(rng: np.random.Generator, profile: SiteProfile, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+def _anatomy(rng: np.random.Generator, profile: SiteProfile, grid: _Grid, age: float) -> tuple[np.ndarray, np.ndarray]:
     """Relative T2 signal and label: body, pelvic muscles and fat, femoral heads, rectum, bladder, gland."""
-    gland, central, (x0, y0, z0, b, c) = _gland(rng, profile, grid)
+    gland, central, (x0, y0, z0, b, c) = _gland(rng, profile, grid, age)
     inf = np.inf
     tissue = np.zeros(grid.shape)
     body = (rng.uniform(150.0, 180.0), rng.uniform(105.0, 130.0), inf)
@@ -228,23 +260,51 @@ def _acquire(rng: np.random.Generator, tissue: np.ndarray, profile: SiteProfile,
     return np.clip(np.rint(signal), 0, np.iinfo(dtype).max).astype(dtype)
 
 
+def _site_index(site: str) -> int:
+    names = list(SITE_PROFILES)
+    if site not in SITE_PROFILES:
+        raise ValueError(f"unknown site {site!r}; known sites: {names}")
+    return names.index(site)
+
+
+def patient_age(site: str, case_index: int, seed: int = 0) -> int:
+    """Age in whole years of a case's patient, uniform over ``AGE_RANGE``.
+
+    Drawn from its own generator, seeded by (seed, site index, case index, 1), so the image generator
+    (seeded by (seed, site index, case index)) draws exactly what it drew before ages existed.
+    """
+    _check_non_negative("seed", seed)
+    _check_non_negative("case_index", case_index)
+    rng = np.random.default_rng([seed, _site_index(site), case_index, _AGE_STREAM])
+    low, high = AGE_RANGE
+    return int(rng.integers(low, high, endpoint=True))
+
+
+def gland_volume_factor(age: float) -> float:
+    """Gland volume relative to a 60-year-old's: ``exp(GLAND_GROWTH_PER_YEAR * (age - 60))``."""
+    return float(np.exp(GLAND_GROWTH_PER_YEAR * (age - _REFERENCE_AGE)))
+
+
 def synthesize_case(
-    site: str, case_index: int, seed: int = 0, shape: Sequence[int] | None = None
+    site: str, case_index: int, seed: int = 0, shape: Sequence[int] | None = None, age: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (image, uint8 label, affine) of one case, in memory.
 
     The generator is seeded by (seed, site index, case index), so a case does not depend on which
-    other sites or cases are generated with it.
+    other sites or cases are generated with it. ``age`` (years) defaults to
+    :func:`patient_age`; passing another age gives the same patient with a gland sized for that age.
     """
-    names = list(SITE_PROFILES)
-    if site not in SITE_PROFILES:
-        raise ValueError(f"unknown site {site!r}; known sites: {names}")
+    site_index = _site_index(site)
     _check_non_negative("seed", seed)
     _check_non_negative("case_index", case_index)
+    if age is None:
+        age = patient_age(site, case_index, seed)
+    elif not 0 <= age <= 120:
+        raise ValueError(f"age must be between 0 and 120 years, got age={age!r}")
     profile = SITE_PROFILES[site]
     grid = _grid(profile, profile.shape if shape is None else _check_shape(shape))
-    rng = np.random.default_rng([seed, names.index(site), case_index])
-    tissue, label = _anatomy(rng, profile, grid)
+    rng = np.random.default_rng([seed, site_index, case_index])
+    tissue, label = _anatomy(rng, profile, grid, age)
     return _acquire(rng, tissue, profile, grid), label, grid.affine
 
 
@@ -287,8 +347,11 @@ def synthesize_prostate(
 ) -> list[tuple[Path, Path]]:
     """Write out_dir/<SITE>/CaseNN.nii.gz + CaseNN_segmentation.nii.gz; return (image, label) paths.
 
-    `sites` is a count N (the first N of SITE_PROFILES) or site names; `shape` (H, W, D) overrides
-    every site's matrix while its field of view stays physical, so spacing becomes fov_mm / H.
+    Each site also gets ``clinical.csv`` (columns ``case,age``) listing the cases written, the way a
+    hospital exports clinical metadata beside the images; ``fedfms prepare`` reads it into the
+    case attributes. `sites` is a count N (the first N of SITE_PROFILES) or site names; `shape`
+    (H, W, D) overrides every site's matrix while its field of view stays physical, so spacing
+    becomes fov_mm / H.
     """
     names = _site_names(sites)
     _check_non_negative("seed", seed)
@@ -300,11 +363,16 @@ def synthesize_prostate(
     for site in names:
         site_dir = Path(out_dir) / site
         site_dir.mkdir(parents=True, exist_ok=True)
+        clinical = []
         for case in range(cases_per_site):
-            image, label, affine = synthesize_case(site, case, seed=seed, shape=shape)
-            image_path = site_dir / f"Case{case:02d}.nii.gz"
-            label_path = site_dir / f"Case{case:02d}_segmentation.nii.gz"
+            age = patient_age(site, case, seed)
+            image, label, affine = synthesize_case(site, case, seed=seed, shape=shape, age=age)
+            name = f"Case{case:02d}"
+            image_path = site_dir / f"{name}.nii.gz"
+            label_path = site_dir / f"{name}_segmentation.nii.gz"
             _save(image, affine, image_path)
             _save(label, affine, label_path)
             written.append((image_path, label_path))
+            clinical.append({"case": name, "age": age})
+        save_csv(site_dir / CLINICAL_FILE, clinical, ("case", "age"))
     return written

@@ -1,4 +1,4 @@
-"""``fedfms job``: a configured copy of a shipped job folder (profile, data, rounds, resume).
+"""``fedfms job``: a configured copy of a shipped job folder (profile, data, partition, rounds, init mode, resume).
 
 The job folders in ``jobs/`` run the CPU demo profile on ``demo/data``. Switching to the paper
 profile touches every place the bundle is named (the client's learner, the server's persistor
@@ -7,6 +7,10 @@ edits::
 
     fedfms job jobs/fedmsa_prostate --out my_jobs/fedmsa_paper --profile paper \\
         --pretrained-checkpoint /models/sam_vit_b_01ec64.pth --dataset-dir /data/prostate_1024
+
+``--datalist-dir`` points every bundle user (learner, pre-stage, unseen-site evaluator) at another
+partition of the same data; ``--init-mode`` chooses how a job with the FM-instructed-init workflow
+(``jobs/fminit_prostate``) starts: ``random``, ``pretrain`` or ``fm``.
 
 The copy is written next to ``--out`` and renamed into place, so a failed run leaves nothing.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedfms.bundle import read_method
+from fedfms.distillation.prestage import INIT_MODES
 from fedfms.errors import DataError
 from fedfms.paths import resolve_path
 
@@ -28,6 +33,7 @@ PROFILES = ("cpu_demo", "paper")
 DEMO_CONFIG = "cpu_demo.json"
 PAPER_ROUNDS = 100  # FedFMS and FLAP-SAM: 100 rounds x 1 local epoch
 CONFIG_FILES = ("config_fed_client.json", "config_fed_server.json")
+FMINIT_WORKFLOW = "FMInstructedInit"
 
 
 @dataclass
@@ -38,10 +44,14 @@ class JobOptions:
     num_rounds: int | None = None  # paper profile default: 100
     local_epochs: int | None = None  # paper profile default: 1
     resume_from: str | None = None
+    datalist_dir: str | None = None  # the partition inside dataset_dir, e.g. partitions/quantity
+    init_mode: str | None = None  # random, pretrain or fm: jobs with an FM-instructed-init workflow
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
             raise ValueError(f"unknown profile {self.profile!r}; choose from {', '.join(PROFILES)}")
+        if self.init_mode not in (None, *INIT_MODES):
+            raise ValueError(f"unknown init mode {self.init_mode!r}; choose from {', '.join(INIT_MODES)}")
         if self.pretrained_checkpoint and not Path(self.pretrained_checkpoint).is_file():
             raise DataError(self.pretrained_checkpoint, "pretrained checkpoint not found")
         if self.resume_from and not Path(self.resume_from).is_file():
@@ -90,6 +100,11 @@ def _check_checkpoint(args: dict, options: JobOptions) -> None:
             raise ValueError(f"the paper profile of {args['bundle_root']} needs --pretrained-checkpoint (e.g. sam_vit_b_01ec64.pth)")
 
 
+def _workflow(server: dict, path_suffix: str) -> dict | None:
+    """The ``args`` of the server workflow whose class path ends with ``path_suffix``, if the job has one."""
+    return next((w["args"] for w in server["workflows"] if w["path"].endswith(path_suffix)), None)
+
+
 def configure(client: dict, server: dict, options: JobOptions) -> None:
     """Apply ``options`` to a job's client and server configs in place."""
     learner = bundle_args(client)[0]
@@ -98,7 +113,14 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
         _set_profile(args, options)
         if options.dataset_dir and "dataset_dir" in args:
             args["dataset_dir"] = str(Path(options.dataset_dir).resolve())
-    fedavg = server["workflows"][0]["args"]
+        if options.datalist_dir and "datalist_dir" in args:
+            args["datalist_dir"] = options.datalist_dir
+    if options.init_mode:
+        prestage = _workflow(server, FMINIT_WORKFLOW)
+        if prestage is None:
+            raise ValueError(f"--init-mode needs a job with the {FMINIT_WORKFLOW} workflow, such as jobs/fminit_prostate")
+        prestage["mode"] = options.init_mode
+    fedavg = _workflow(server, "FedAvg")
     paper = options.profile == "paper"
     if options.num_rounds or paper:
         fedavg["num_rounds"] = options.num_rounds or PAPER_ROUNDS

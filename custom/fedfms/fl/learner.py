@@ -160,6 +160,8 @@ class BundleLearner(ModelLearner):
             for name, parameter in self.network.named_parameters():
                 if name in received:
                     parameter.copy_(torch.as_tensor(model.params[name]))
+        values = sum(torch.as_tensor(v).numel() for v in model.params.values())
+        self.info(f"round {self.current_round}: global model received, {len(received)} tensors, {values:,} values")
 
     def _validate(self) -> float:
         self.evaluator.run()

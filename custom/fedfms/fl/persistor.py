@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+from torch import nn
 
 from fedfms.paths import resolve_path
 
 #: Key of ``meta_props`` in a saved global model: how many rounds had finished when it was saved.
 COMPLETED_ROUNDS = "completed_rounds"
+#: The model round 0 started from (random, pre-trained or distilled), saved by the FM-instructed-init workflow.
+INITIAL_MODEL = "initial_global_model.pt"
 
 
 class TrainableModelPersistor(PTFileModelPersistor):
@@ -34,6 +39,34 @@ class TrainableModelPersistor(PTFileModelPersistor):
         if resume_from:
             kwargs["source_ckpt_file_full_name"] = str(resolve_path(resume_from).resolve())
         super().__init__(*args, **kwargs)
+
+    @property
+    def resuming(self) -> bool:
+        """Whether the run starts from a saved global model (``resume_from``) rather than the built one."""
+        return bool(self.source_ckpt_file_full_name)
+
+    def adopt_initial_model(self, network: nn.Module, fl_ctx: FLContext) -> None:
+        """Make ``network``'s weights the initial global model, e.g. a student a server pre-stage trained.
+
+        The weights are copied into this persistor's model (same architecture, every key), so the
+        workflow's first ``load_model`` hands them to round 0. They are saved at once, as
+        ``initial_global_model.pt`` and as ``FL_global_model.pt`` with no completed rounds, so a
+        run stopped in round 0 can resume from the pre-trained start instead of repeating the
+        pre-stage.
+        """
+        if self.resuming:
+            raise RuntimeError("a resumed run starts from its saved global model; it takes no new initial model")
+        self.model.load_state_dict(network.state_dict())
+        self.save_initial_model(fl_ctx)
+        self.save_model_file(self._ckpt_save_path)
+
+    def save_initial_model(self, fl_ctx: FLContext) -> str:
+        """Save the model round 0 starts from as ``initial_global_model.pt`` beside the global model; return its path."""
+        self.load_model(fl_ctx)  # (re)builds the persisted copy from the current weights
+        path = os.path.join(os.path.dirname(self._ckpt_save_path), INITIAL_MODEL)
+        self.save_model_file(path)
+        self.log_info(fl_ctx, f"initial global model saved to {path}")
+        return path
 
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.model.named_parameters() if p.requires_grad}

