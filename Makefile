@@ -15,14 +15,21 @@ $(BIN)/fedfms: pyproject.toml
 	$(BIN)/python -m pip install $(TORCH_PINS) -e '.[dev]'
 	touch $@
 
-# The jobs read demo/data (relative to the repository), so the demo folder is fixed.
+# simulate JOB WORKSPACE: run a job folder on 3 simulated sites, keep its log, print its report.
+define simulate
+	@echo "running jobs/$(1) (3 sites, CPU demo profile); log: $(2)/simulator.log"
+	rm -rf $(2)
+	$(BIN)/nvflare simulator jobs/$(1) -w $(2) -n 3 -t 3 > $(2).log 2>&1 || (tail -n 40 $(2).log; exit 1)
+	mv $(2).log $(2)/simulator.log
+	$(BIN)/fedfms report $(2)
+endef
+
+# The jobs read demo/data* (relative to the repository), so the demo folder is fixed.
+# FedMSA: a tiny SAM trained from scratch; FM-instructed init: LiteMedSAM distilled into SM-lite.
 demo: venv
 	PATH="$(abspath $(BIN)):$$PATH" bash preprocessing/make_demo_data.sh demo
-	@echo "running the federated FedMSA job (3 sites, CPU demo profile); log: demo/workspace/simulator.log"
-	rm -rf demo/workspace
-	$(BIN)/nvflare simulator jobs/fedmsa_prostate -w demo/workspace -n 3 -t 3 > demo/workspace.log 2>&1 || (tail -n 40 demo/workspace.log; exit 1)
-	mv demo/workspace.log demo/workspace/simulator.log
-	$(BIN)/fedfms report demo/workspace
+	$(call simulate,fedmsa_prostate,demo/workspace)
+	$(call simulate,fminit_prostate,demo/workspace_fminit)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -1,12 +1,15 @@
 """Forward+backward time per sample and peak memory of every fine-tuning strategy, on this CPU.
 
-    .venv/bin/python benchmarks/bench_models.py [--configs small,vit_b] [--iters 3]
+    .venv/bin/python benchmarks/bench_models.py [--configs small,vit_b,lite128,lite256,teacher] [--iters 3]
 
-Configurations: ``small`` (the CPU size at 128 px, batch 4) and ``vit_b`` (ViT-B at 224, the
-FLAP-SAM setting, batch 2), both with the FLAP-SAM decoder and random weights (speed does not
-depend on them). Each strategy runs in its own process so its peak memory (VmHWM) is its own:
-one warm-up step, then ``--iters`` timed steps of forward, loss and backward. Frozen encoders
-(``dec``, ``pdec``) run without autograd state. Ratios are against ``full``.
+Configurations: ``small`` (the CPU size at 128 px, batch 4), ``vit_b`` (ViT-B at 224, the FLAP-SAM
+setting, batch 2), ``lite128`` and ``lite256`` (LiteMedSAM's TinyViT at 128 and 256 px, batch 2
+and 1), all with the FLAP-SAM decoder and random weights (speed does not depend on them). Each
+strategy runs in its own process so its peak memory (VmHWM) is its own: one warm-up step, then
+``--iters`` timed steps of forward, loss and backward. Frozen encoders (``dec``, ``pdec``) run
+without autograd state. Ratios are against ``full``. ``teacher`` times the pretrained LiteMedSAM
+teacher (packaged weights, box prompt, 256 px, one slice per call) per slice, as the FM-instructed
+pre-stage runs it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import torch
 
 from common import peak_rss_mb, run_child
 from fedfms.models import STRATEGIES, build_model, count_parameters
+from fedfms.models.teacher import build_teacher
 
-CONFIGS = {"small": ("small", 128, 4), "vit_b": ("vit_b", 224, 2)}  # size, image size, batch
+CONFIGS = {"small": ("small", 128, 4), "vit_b": ("vit_b", 224, 2), "lite128": ("lite", 128, 2), "lite256": ("lite", 256, 1)}  # size, image size, batch
+TEACHER = "teacher"
 
 
 def measure(config: str, strategy: str, iters: int) -> dict:
@@ -42,17 +47,36 @@ def measure(config: str, strategy: str, iters: int) -> dict:
     return {"seconds_per_sample": seconds, "peak_mb": peak_rss_mb(), "trainable": count_parameters(model).trainable}
 
 
+def measure_teacher(iters: int) -> dict:
+    """Seconds per slice of the LiteMedSAM teacher on 256 px slices with a box, after one warm-up slice."""
+    torch.manual_seed(0)
+    teacher = build_teacher("litemedsam")
+    image = torch.rand(1, 1, 256, 256)
+    label = torch.zeros(1, 1, 256, 256)
+    label[..., 90:170, 80:180] = 1
+    teacher(image, label)
+    start = time.perf_counter()
+    for _ in range(iters):
+        teacher(image, label)
+    return {"seconds_per_slice": (time.perf_counter() - start) / iters, "peak_mb": peak_rss_mb()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="small,vit_b", help="comma-separated: small, vit_b")
+    parser.add_argument("--configs", default="small,vit_b,lite128,lite256,teacher", help=f"comma-separated: {', '.join([*CONFIGS, TEACHER])}")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(*args.child, args.iters)))
+        config, strategy = args.child
+        print(json.dumps(measure_teacher(args.iters) if config == TEACHER else measure(config, strategy, args.iters)))
         return
     print(f"torch threads: {torch.get_num_threads()}")
     for config in args.configs.split(","):
+        if config == TEACHER:
+            r = run_child(__file__, ["--child", TEACHER, "-", "--iters", str(args.iters)])
+            print(f"\nteacher: LiteMedSAM (packaged weights), 256 px, box prompt: {r['seconds_per_slice']:.2f} s/slice, peak {r['peak_mb']:.0f} MB")
+            continue
         size, image_size, batch = CONFIGS[config]
         print(f"\n{config}: FLAP-SAM decoder, size {size}, image {image_size}, batch {batch}")
         print(f"  {'strategy':<10}{'trainable':>13}{'s/sample':>10}{'vs full':>9}{'peak MB':>9}")

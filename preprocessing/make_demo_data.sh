@@ -6,6 +6,7 @@ demo=${1:-demo}
 raw=$demo/raw
 data=$demo/data
 
+# Six sites; every site also exports a clinical table (<SITE>/clinical.csv: case, age).
 fedfms synth prostate --out "$raw" --sites 6 --cases-per-site 6 --seed 0
 # CPU demo profile: the FedFMS rule (clip to [min, p99], rescale to [0, 1], single slices)
 # at 64 pixels instead of 1024/256.
@@ -15,9 +16,15 @@ fedfms partition --data "$data" --method natural --proxy-fraction 0.1 --out "$da
 fedfms partition --data "$data" --method loso --unseen UCL --out "$data/partitions/loso"
 # FLAP-SAM input: 5-slice stacks, every slice of a stack labelled.
 fedfms prepare --src "$raw" --layout saml --out "$demo/data_stack5" --image-size 64 --label-size 64 --num-slices 5 --all-label-slices
+# FM-instructed initialisation (jobs/fminit_prostate): slices at LiteMedSAM's own 256 px, so the
+# teacher is not fed upsampled thumbnails; the server keeps about a quarter of the training cases
+# as its proxy set, the rest go to 3 clients skewed by patient age (or by quantity).
+fedfms prepare --src "$raw" --layout saml --out "$demo/data_256" --image-size 256 --label-size 256 --num-slices 1
+fedfms partition --data "$demo/data_256" --method attribute --attribute age --clients 3 --proxy-fraction 0.23 --out "$demo/data_256/partitions/age"
+fedfms partition --data "$demo/data_256" --method quantity --clients 3 --proxy-fraction 0.23 --out "$demo/data_256/partitions/quantity"
 
 echo
-echo "raw volumes:        $raw/<SITE>/CaseNN.nii.gz"
-echo "prepared samples:   $data/images, $data/labels (options in $data/prepare.json); 5-slice stacks in $demo/data_stack5"
+echo "raw volumes:        $raw/<SITE>/CaseNN.nii.gz, clinical tables $raw/<SITE>/clinical.csv"
+echo "prepared samples:   $data/images, $data/labels (options in $data/prepare.json); 5-slice stacks in $demo/data_stack5; 256 px in $demo/data_256"
 echo "per-site datalists: $data/datalists/<SITE>.json"
-echo "client datalists:   $data/partitions/natural/<client>.json; leave-one-site-out: $data/partitions/loso"
+echo "client datalists:   $data/partitions/natural/<client>.json; leave-one-site-out: $data/partitions/loso; age skew: $demo/data_256/partitions/age"

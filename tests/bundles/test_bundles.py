@@ -31,6 +31,7 @@ def trained(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("bundle", NAMES)
+@pytest.mark.slow
 def test_cpu_demo_training_lowers_the_loss_and_keeps_checkpoints(trained, bundle):
     result, out = trained[bundle]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,6 +45,7 @@ def test_cpu_demo_training_lowers_the_loss_and_keeps_checkpoints(trained, bundle
 
 
 @pytest.mark.parametrize("bundle", ["fedsam_prostate", "flapsam_prostate"])
+@pytest.mark.slow
 def test_evaluation_writes_site_tables(trained, tiny_data, bundle):
     _, out = trained[bundle]
     result = run_bundle(
@@ -58,6 +60,7 @@ def test_evaluation_writes_site_tables(trained, tiny_data, bundle):
     assert json.dumps(summary)  # readable JSON with the same numbers
 
 
+@pytest.mark.slow
 def test_inference_keeps_the_input_geometry(trained, tiny_data, tmp_path):
     """BMC volumes are LPS-oriented: the prediction must come back in that affine and size."""
     _, out = trained["fedmsa_prostate"]
@@ -75,6 +78,7 @@ def test_inference_keeps_the_input_geometry(trained, tiny_data, tmp_path):
         assert set(np.unique(prediction.get_fdata())) <= {0.0, 1.0}
 
 
+@pytest.mark.slow
 def test_inference_rejects_a_2d_image(trained, tmp_path):
     _, out = trained["unet_prostate"]
     flat = tmp_path / "in" / "flat.nii.gz"
@@ -96,6 +100,7 @@ def test_local_baseline_uses_one_site(tiny_data):
     assert samples and {s["site"] for s in samples} == {"RUNMC"}
 
 
+@pytest.mark.slow
 def test_paper_profile_requires_a_checkpoint(tiny_data, tmp_path):
     result = run_bundle("fedsam_prostate", cwd=tmp_path, dataset_dir=tiny_data / "data", output_dir=tmp_path / "m", max_epochs=1)
     assert result.returncode != 0 and "pretrained_checkpoint is required" in result.stderr
@@ -104,6 +109,7 @@ def test_paper_profile_requires_a_checkpoint(tiny_data, tmp_path):
     assert result.returncode != 0 and f"{missing}: pretrained checkpoint not found" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_says_where_it_looked(tmp_path):
     result = run_bundle("unet_prostate", "cpu_demo.json", cwd=tmp_path, dataset_dir=tmp_path / "nothing", output_dir=tmp_path / "m")
     assert result.returncode != 0 and f"{tmp_path / 'nothing' / 'datalists'}: no prepared datalists here" in result.stderr
@@ -124,6 +130,7 @@ def test_monai_properties_are_complete(tiny_data, bundle, workflow, extra):
 
 
 @pytest.mark.parametrize("bundle", NAMES)
+@pytest.mark.slow
 def test_verify_net_in_out(bundle):
     args = [
         sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",

@@ -80,3 +80,18 @@ def test_settings_are_checked():
         PrestageSettings("fm", alpha=-0.1)
     with pytest.raises(ValueError, match="no pre-stage"):
         run_prestage(torch.nn.Identity(), "x.json", [], 32, PrestageSettings("random"), None, "cache")
+
+
+def test_prestage_trains_the_unet_baseline_as_student(proxy_data, tiny_teacher, tmp_path):
+    """FedU-Net (batch norm) is a student as well as SM-lite: weights and running statistics both learn."""
+    parser = bundle_parser(REPO / "bundles" / "unet_prostate", ["train.json", "cpu_demo.json"], dataset_dir=str(proxy_data))
+    network = parser.get_parsed_content("network_def")
+    settings = PrestageSettings("fm", epochs=2, learning_rate=1e-3, batch_size=4)
+    student, record = run_prestage(
+        network, _proxy(proxy_data), parser.get_parsed_content("sample_transforms"), parser.get_parsed_content("label_size"),
+        settings, tiny_teacher, tmp_path / "cache", log=lambda _: None,
+    )
+    before, after = network.state_dict(), student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.endswith("running_mean") for k in changed) and any(k.endswith("conv.weight") for k in changed)
+    assert len(record.student["epoch_loss"]) == 2

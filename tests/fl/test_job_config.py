@@ -86,3 +86,32 @@ def test_job_command(tmp_path, checkpoint, capsys):
     assert f"nvflare simulator {tmp_path / 'j'}" in capsys.readouterr().out
     assert main(["job", "jobs/fedsam_prostate", "--out", str(tmp_path / "k"), "--profile", "paper"]) == 2
     assert "needs --pretrained-checkpoint" in capsys.readouterr().err
+
+
+def _workflow_args(server: dict, workflow_id: str) -> dict:
+    return next(w["args"] for w in server["workflows"] if w["id"] == workflow_id)
+
+
+def test_fminit_job_gets_its_mode_partition_and_paper_epochs(tmp_path):
+    out = configure_job(
+        REPO / "jobs/fminit_prostate", tmp_path / "pretrain",
+        JobOptions(init_mode="pretrain", datalist_dir="partitions/quantity", num_rounds=4, dataset_dir=str(tmp_path / "data")),
+    )
+    client, server = _configs(out)
+    prestage, fedavg = _workflow_args(server, "fminit"), _workflow_args(server, "fedavg")
+    assert prestage["mode"] == "pretrain" and fedavg["num_rounds"] == 4 and "num_rounds" not in prestage  # rounds go to FedAvg, not the pre-stage
+    learner = bundle_args(client)[0]
+    assert learner["datalist_dir"] == prestage["datalist_dir"] == "partitions/quantity"
+    assert learner["dataset_dir"] == prestage["dataset_dir"] == str(tmp_path / "data")
+    paper = configure_job(REPO / "jobs/fminit_prostate", tmp_path / "paper", JobOptions(profile="paper"))
+    client, server = _configs(paper)
+    assert bundle_args(client)[0]["local_epochs"] == 5 and _workflow_args(server, "fedavg")["num_rounds"] == 100  # the paper: 100 rounds x 5 epochs
+    assert all(args["config_files"] == ["train.json"] for args in bundle_args(client) + bundle_args(server))
+
+
+def test_init_mode_needs_a_job_with_the_prestage(tmp_path):
+    with pytest.raises(ValueError, match="--init-mode needs a job with the FMInstructedInit workflow"):
+        configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "x", JobOptions(init_mode="fm"))
+    with pytest.raises(ValueError, match="unknown init mode"):
+        JobOptions(init_mode="warm")
+    assert not (tmp_path / "x").exists()

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +14,13 @@ from fedfms.cli import main
 from fedfms.data.partition import PartitionOptions, partition
 from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
-from fedfms.fl.job_config import JobOptions, configure_job
 from fedfms.fl.learner import site_datalist
 from fedfms.models import count_parameters
+from tests.fl.conftest import APP, job_copy, simulate
 
-REPO = Path(__file__).resolve().parents[2]
-NVFLARE = Path(sys.executable).with_name("nvflare")
-LOG_FAILURES = ("Unsuccessful callback", "FOBS protocol error", "Could not start", "failed to download", "Traceback", "Empty result from client", "accepted=False")
+pytestmark = pytest.mark.slow  # every test here runs the real simulator or prepares its data
+
 SITES = ("BMC", "I2CVB", "RUNMC")  # the three synthetic sites, in sorted order (site-1..3)
-APP = Path("server/simulate_job/app_server")
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +49,9 @@ class Run:
         return self.workspace / APP
 
 
-def _job_copy(job: str, tmp_path: Path, dataset_dir: Path, rounds: int, resume_from: str | None = None) -> Path:
-    """The shipped job, configured for the test's data and round count as a user would (`fedfms job`)."""
-    return configure_job(REPO / "jobs" / job, tmp_path / job, JobOptions(dataset_dir=str(dataset_dir), num_rounds=rounds, resume_from=resume_from))
-
-
-def _simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3, expect_success: bool = True) -> str:
-    names = ["-c", ",".join(clients)] if isinstance(clients, tuple) else ["-n", str(clients)]
-    threads = len(clients) if isinstance(clients, tuple) else clients
-    result = subprocess.run(
-        [str(NVFLARE), "simulator", str(job_dir), "-w", str(workspace), *names, "-t", str(threads)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    log = result.stdout + result.stderr
-    if expect_success:
-        assert result.returncode == 0, log[-3000:]
-        assert "Finished FedAvg." in log, log[-3000:]
-        for failure in LOG_FAILURES:
-            assert failure not in log, (failure, log[-3000:])
-    return log
-
-
 def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data", resume_from: str | None = None) -> Run:
-    job_dir = _job_copy(job, tmp_path, fl_data / data, rounds, resume_from)
-    log = _simulate(job_dir, tmp_path / "ws", clients)
+    job_dir = job_copy(job, tmp_path, fl_data / data, rounds, resume_from=resume_from)
+    log = simulate(job_dir, tmp_path / "ws", clients)
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())["components"][0]["args"]
     return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"])
 
@@ -175,8 +150,8 @@ def test_leave_one_site_out_job_tests_the_unseen_site(fl_data, tmp_path):
 
 
 def test_job_without_data_stops_and_says_where_it_looked(tmp_path):
-    job_dir = _job_copy("fedmsa_prostate", tmp_path, tmp_path / "no_data", rounds=1)
-    log = _simulate(job_dir, tmp_path / "ws", 2, expect_success=False)
+    job_dir = job_copy("fedmsa_prostate", tmp_path, tmp_path / "no_data", rounds=1)
+    log = simulate(job_dir, tmp_path / "ws", 2, expect_success=False)
     assert f"{tmp_path / 'no_data' / 'partitions' / 'natural'}: no such partition folder; make the demo data with `make demo`" in log
     assert "Finished FedAvg." not in log and not (tmp_path / "ws" / APP / "FL_global_model.pt").exists()
 

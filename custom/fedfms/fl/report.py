@@ -1,4 +1,8 @@
-"""``fedfms report WS``: the tables a federated run wrote, and Dice per round per site as a PNG."""
+"""``fedfms report WS``: the tables a federated run wrote, and Dice per round per site as a PNG.
+
+Tables: how the initial global model was made (FM-instructed-init jobs), the global model's
+validation Dice per round and site with the contributions and bytes, and the final test scores.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from fedfms.errors import DataError
 from fedfms.io import atomic_write, load_json
 
 SERVER_APP = Path("server", "simulate_job", "app_server")
+PRESTAGE = "prestage.json"  # written by fedfms.fl.fminit.FMInstructedInit
 
 
 def server_app_dir(workspace: str | os.PathLike) -> Path:
@@ -52,6 +57,28 @@ def final_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prestage_table(record: dict) -> str:
+    """How the initial global model was made (``prestage.json`` of the FM-instructed-init workflow)."""
+    mode = record["mode"]
+    if mode == "random":
+        return "initial global model: random (the network as built; no pre-stage)"
+    proxy, student = record["proxy"], record["student"]
+    lines = [f"initial global model: {mode} pre-stage on the server's proxy set ({proxy['slices']} slices, {proxy['datalist']})"]
+    teacher = record.get("teacher")
+    if teacher:
+        how = "reused from its cache" if teacher["cache_hit"] else f"computed in {teacher['seconds']} s"
+        lines.append(
+            f"teacher {teacher['kind']}: proxy Dice {_fmt(teacher['proxy_dice'])} on {proxy['foreground_slices']} slices with foreground "
+            f"(logits {how}: {teacher['cache_file']})"
+        )
+    losses = student["epoch_loss"]
+    lines.append(
+        f"student: proxy Dice {_fmt(student['proxy_dice_before'])} -> {_fmt(student['proxy_dice'])} after {len(losses)} epochs "
+        f"(loss {losses[0]:.4f} -> {losses[-1]:.4f}, {student['seconds']} s)"
+    )
+    return "\n".join(lines)
+
+
 def plot_rounds(rows: list[dict], path: Path) -> None:
     """Dice per round, one line per site, written atomically as PNG."""
     import matplotlib
@@ -74,7 +101,8 @@ def report(workspace: str | os.PathLike, png: str | os.PathLike | None = None) -
     """The report text; also writes the Dice plot (default ``<server app>/dice_per_round.png``)."""
     folder = server_app_dir(workspace)
     rounds = load_json(folder / "round_metrics.json")
-    text = [round_table(rounds)]
+    text = [prestage_table(load_json(folder / PRESTAGE))] if (folder / PRESTAGE).is_file() else []
+    text.append(round_table(rounds))
     if (folder / "final_test.json").is_file():
         text.append(final_table(load_json(folder / "final_test.json")))
     png = Path(png) if png else folder / "dice_per_round.png"

