@@ -129,7 +129,7 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--zscore", action="store_true", help="z-score with per-site statistics of training volumes")
     p.add_argument("--num-slices", type=int, default=1, help="stack size N, odd (FedFMS 1, FLAP-SAM 5)")
     p.add_argument("--all-label-slices", action="store_true", help="keep the labels of all N slices, not only the centre")
-    p.add_argument("--image-size", type=int, help="input size (default: 256 for lite, 1024 for the ViT sizes)")
+    p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--label-size", type=int, default=256, help="label size (FedFMS: 256 with 1024 images)")
     p.add_argument("--multi-class", action="store_true", help="keep label values instead of merging them to foreground")
     p.add_argument("--num-classes", type=int, help="number of classes with --multi-class (values 0..C-1)")
