@@ -26,7 +26,7 @@ def report_figures(report: str) -> dict:
     found = {
         "average": re.search(r"^average\s+(\S+)\s+(\S+)\s+(\S+)", report, re.MULTILINE),
         "bytes": re.search(r"bytes sent in total .*: ([\d,]+)", report),
-        "contributions": re.search(r"contributions: (\d+) received, (\d+) rejected", report),
+        "contributions": re.search(r"contributions: (\d+) expected: (\d+) accepted", report),
     }
     missing = [k for k, v in found.items() if v is None]
     if missing:
@@ -48,7 +48,7 @@ def main() -> None:
         figures = report_figures(report)
         average, contributions = figures["average"], figures["contributions"]
         print(f"  {job}: final test average over sites: dice_2d {average[1]}, iou_2d {average[2]}, dice_3d {average[3]}")
-        print(f"    contributions: {contributions[1]} received, {contributions[2]} rejected; bytes exchanged each way: {figures['bytes'][1]}")
+        print(f"    contributions: {contributions[1]} expected, {contributions[2]} accepted; bytes exchanged each way: {figures['bytes'][1]}")
     prestage = re.search(r"^teacher .*$\n^student: .*$", done.stdout, re.MULTILINE)
     if prestage is None:
         raise SystemExit(f"the fminit_prostate report lacks the pre-stage's figures:\n{done.stdout[-3000:]}")

@@ -53,10 +53,30 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str, sites: str | Seque
         raise DataError(folder, f"no datalist for site(s) {', '.join(unknown)}; available: {', '.join(available)}")
     samples: list[dict] = []
     for site in wanted:
-        samples += load_decathlon_datalist(folder / f"{site}.json", is_segmentation=True, data_list_key=split)
+        samples += _split_samples(folder / f"{site}.json", split)
     if not samples:
         raise DataError(folder, f"no {split!r} samples for site(s) {', '.join(wanted)}")
     return samples
+
+
+def _split_samples(path: Path, split: str) -> list[dict]:
+    """The ``split`` entries of one datalist with absolute paths, every listed file checked to exist."""
+    if split not in load_json(path):
+        return []
+    samples = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split)
+    for sample in samples:
+        for key in ("image", "label"):
+            if key in sample and not Path(sample[key]).is_file():
+                raise DataError(sample[key], f"listed in {path} ({split}) but missing; prepare the data again or fix the datalist")
+    return samples
+
+
+def check_datalist(path: str | os.PathLike, splits: Sequence[str]) -> None:
+    """Fail before any work when a datalist lacks samples in ``splits`` or names files that do not exist."""
+    path = Path(path)
+    for split in splits:
+        if not _split_samples(path, split):
+            raise DataError(path, f"has no {split!r} samples (were its cases skipped by `fedfms prepare --on-error skip`?)")
 
 
 def bundle_parser(bundle_root: str | os.PathLike, config_files: Sequence[str] = ("train.json",), **overrides) -> ConfigParser:

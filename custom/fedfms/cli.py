@@ -1,7 +1,8 @@
-"""The ``fedfms`` command: synthesise, prepare and partition data; count parameters; configure and report jobs.
+"""The ``fedfms`` command: synthesise, prepare and partition data; count parameters; configure and report jobs; render bundles.
 
 Exit codes: 0 success; 2 bad input or arguments (the message names the file and the problem);
-3 ``prepare --on-error skip`` finished but skipped files (listed in the summary).
+3 ``prepare --on-error skip`` finished but skipped files (listed in the summary); 4 ``report`` of
+a run that has no final test table (it aborted or never reached its final evaluation).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fedfms.errors import DataError
 
 EXIT_BAD_INPUT = 2
 EXIT_SKIPPED = 3
+EXIT_INCOMPLETE = 4
 
 
 def _synth_prostate(args: argparse.Namespace) -> int:
@@ -88,9 +90,13 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedfms.fl.report import report
+    from fedfms.fl.report import IncompleteRun, report
 
-    print(report(args.workspace, args.png))
+    try:
+        print(report(args.workspace, args.png))
+    except IncompleteRun as incomplete:
+        print(incomplete)
+        return EXIT_INCOMPLETE
     return 0
 
 
@@ -99,7 +105,9 @@ def _job(args: argparse.Namespace) -> int:
 
     names = {f.name for f in fields(JobOptions)}
     out = configure_job(args.job, args.out, JobOptions(**{k: v for k, v in vars(args).items() if k in names}))
-    print(f"job written to {out}; run it with: nvflare simulator {out} -w WORKSPACE -n N -t N")
+    print(f"job written to {out}")
+    print(f"  simulate it:  nvflare simulator {out} -w WORKSPACE -n N -t N")
+    print(f"  submit it:    nvflare job submit -j {out}   (POC or a provisioned project; see the README's Deploy section)")
     return 0
 
 
@@ -201,10 +209,39 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-dir", help="prepared data folder (default: the job's, demo/data)")
     p.add_argument("--num-rounds", type=int, help="total federated rounds")
     p.add_argument("--local-epochs", type=int, help="local epochs per round")
-    p.add_argument("--resume-from", help="FL_global_model.pt of an interrupted run: continue after its last round")
+    p.add_argument("--resume-from", help="the server app folder (or its FL_global_model.pt) of an interrupted run: continue its rounds, records and best model")
+    p.add_argument("--task-timeout", type=int, help="seconds a round's task may take before the round goes on without the silent sites (0: no limit)")
+    p.add_argument("--min-clients", type=int, help="acceptable updates a round needs; fewer end the rounds")
+    p.add_argument("--norm-statistics", choices=("global", "local"), help="normalisation statistics: averaged with the weights (global) or kept at each site (local, FedBN)")
+    p.add_argument("--exclude-vars", help="regular expression: matching tensors never leave a site (NVFlare's ExcludeVars filter)")
+    p.add_argument("--percentile-privacy", type=float, metavar="PERCENTILE", help="sites send weight changes, zeroing those below this percentile of magnitude (NVFlare's PercentilePrivacy)")
+    p.add_argument("--privacy-gamma", type=float, default=0.01, help="PercentilePrivacy: each shared change (per training sample) is clipped to +-gamma")
     p.add_argument("--datalist-dir", help="the partition inside the dataset folder, e.g. partitions/quantity")
     p.add_argument("--init-mode", choices=("random", "pretrain", "fm"), help="initial global model of a job with the FM-instructed-init pre-stage")
     p.set_defaults(run=_job)
+
+
+def _bundles(args: argparse.Namespace) -> int:
+    from fedfms.bundle_files import find_bundles, stale_files, write_bundle
+
+    stale = {}
+    for bundle in find_bundles(args.root, args.names):
+        changed = stale_files(bundle) if args.check else write_bundle(bundle)
+        if changed:
+            stale[bundle] = changed
+        print(f"{bundle}: {', '.join(changed) if changed else 'up to date'}{' (out of date)' if changed and args.check else ''}")
+    if stale and args.check:
+        print("error: bundles differ from their source; run `fedfms bundles` to regenerate them", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _add_bundles(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("bundles", help="write (or --check) the generated configs, LICENSE and docs of the bundles")
+    p.add_argument("names", nargs="*", help="bundle folder names (default: every bundle under --root)")
+    p.add_argument("--root", default="bundles", help="the folder holding the bundles")
+    p.add_argument("--check", action="store_true", help="only report files that differ from their source; exit 2 if any")
+    p.set_defaults(run=_bundles)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(commands)
     _add_report(commands)
     _add_job(commands)
+    _add_bundles(commands)
     return parser
 
 

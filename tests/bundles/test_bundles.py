@@ -1,6 +1,7 @@
-"""The five bundles through MONAI's own CLI and checks: train, evaluate, infer, verify."""
+"""The bundles through MONAI's own CLI and checks: train, evaluate, infer, verify."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -115,6 +116,18 @@ def test_missing_data_says_where_it_looked(tmp_path):
     assert result.returncode != 0 and f"{tmp_path / 'nothing' / 'datalists'}: no prepared datalists here" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_datalist_naming_a_missing_file_stops_before_training(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "data", data)
+    entry = json.loads((data / "datalists" / "RUNMC.json").read_text())["training"][3]
+    missing = (data / "datalists" / entry["image"]).resolve()
+    missing.unlink()
+    result = run_bundle("unet_prostate", "cpu_demo.json", cwd=tmp_path, dataset_dir=data, output_dir=tmp_path / "m")
+    assert result.returncode != 0 and f"{missing}: listed in {data / 'datalists' / 'RUNMC.json'} (training) but missing" in result.stderr
+    assert "train_loss" not in result.stdout + result.stderr  # no epoch started
+
+
 @pytest.mark.parametrize("bundle", NAMES)
 @pytest.mark.parametrize("workflow,extra", [("train", ()), ("infer", ("evaluate.json",)), ("infer", ("inference.json",))])
 def test_monai_properties_are_complete(tiny_data, bundle, workflow, extra):
@@ -150,6 +163,8 @@ def test_pooling_a_partition_leaves_out_the_proxy_and_unseen_site(tmp_path):
     for name, site in (("A", "A"), ("B", "B"), ("server_proxy", "P"), ("unseen", "U")):
         save_json(folder / f"{name}.json", {"training": [{**entry, "site": site}], "validation": [], "testing": []})
     save_json(folder / "partition.json", {"files": []})
+    for name in ("x.npy", "y.npy"):
+        (folder / name).touch()  # listed files must exist
     pooled = load_datalist(tmp_path, "training", None, "partitions/loso")
     assert sorted(e["site"] for e in pooled) == ["A", "B"]
     assert [e["site"] for e in load_datalist(tmp_path, "training", "server_proxy", "partitions/loso")] == ["P"]

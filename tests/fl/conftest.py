@@ -4,6 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from fedfms.data.partition import PartitionOptions, partition
+from fedfms.data.prepare import PrepareOptions, prepare
+from fedfms.data.synthetic import synthesize_prostate
 from fedfms.fl.job_config import JobOptions, configure_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,3 +37,15 @@ def simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3,
         for failure in LOG_FAILURES:
             assert failure not in log, (failure, log[-3000:])
     return log
+
+
+@pytest.fixture(scope="session")
+def fl_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fl_data")
+    synthesize_prostate(root / "raw", sites=3, cases_per_site=3, seed=5, shape=(32, 32, 8))
+    quiet = lambda _: None  # noqa: E731
+    prepare(root / "raw", root / "data", PrepareOptions(image_size=64, label_size=64), log=quiet)
+    prepare(root / "raw", root / "data_stack5", PrepareOptions(image_size=64, label_size=64, num_slices=5, all_label_slices=True), log=quiet)
+    partition(root / "data", root / "data" / "partitions" / "natural", PartitionOptions(method="natural", proxy_fraction=0))
+    partition(root / "data", root / "data" / "partitions" / "loso", PartitionOptions(method="loso", unseen_site="RUNMC", proxy_fraction=0))
+    return root

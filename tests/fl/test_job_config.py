@@ -26,7 +26,16 @@ def checkpoint(tmp_path) -> Path:
     return path
 
 
+def _data(tmp_path: Path, *partitions: str) -> Path:
+    """A prepared-data folder holding one site datalist in each of ``partitions``."""
+    for partition in partitions:
+        (tmp_path / "data" / partition).mkdir(parents=True)
+        (tmp_path / "data" / partition / "RUNMC.json").write_text("{}")
+    return tmp_path / "data"
+
+
 def test_paper_profile_changes_every_place_the_bundle_is_named(tmp_path, checkpoint):
+    _data(tmp_path, "partitions/loso")
     out = configure_job(REPO / "jobs/fedmsa_prostate_loso", tmp_path / "paper", JobOptions(profile="paper", pretrained_checkpoint=str(checkpoint), dataset_dir=str(tmp_path / "data")))
     client, server = _configs(out)
     places = bundle_args(client) + bundle_args(server)
@@ -35,6 +44,7 @@ def test_paper_profile_changes_every_place_the_bundle_is_named(tmp_path, checkpo
     assert all(str(checkpoint) in json.dumps(args) for args in places)
     assert all(args["dataset_dir"] == str(tmp_path / "data") for args in places if "dataset_dir" in args)
     assert server["workflows"][0]["args"]["num_rounds"] == 100 and bundle_args(client)[0]["local_epochs"] == 1
+    assert all(w["args"]["task_timeout"] == 6 * 3600 for w in server["workflows"])  # sized to ViT-B at 1024
     assert json.loads((out / "meta.json").read_text())["name"] == "paper"
     assert (out / "app/custom/README.md").is_file()
     assert bundle_args(_configs(REPO / "jobs/fedmsa_prostate_loso")[0])[0]["config_files"] == ["train.json", "cpu_demo.json"]  # source untouched
@@ -53,12 +63,17 @@ def test_paper_profile_server_builds_vit_b_from_the_official_checkpoint(tmp_path
 
 
 def test_options_override_rounds_and_resume(tmp_path):
-    model = tmp_path / "FL_global_model.pt"
-    model.write_bytes(b"model")
-    out = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "more", JobOptions(num_rounds=3, local_epochs=4, resume_from=str(model)))
+    model = tmp_path / "earlier" / "FL_global_model.pt"
+    model.parent.mkdir()
+    torch.save({"model": {"w": torch.zeros(1)}, "meta_props": {"completed_rounds": 2}}, model)
+    options = JobOptions(num_rounds=3, local_epochs=4, resume_from=str(model.parent), task_timeout=90, min_clients=3)
+    out = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "more", options)
     client, server = _configs(out)
     assert server["workflows"][0]["args"]["num_rounds"] == 3 and bundle_args(client)[0]["local_epochs"] == 4
-    assert next(c for c in server["components"] if c["id"] == "persistor")["args"]["resume_from"] == str(model)
+    for component in ("persistor", "contributions", "model_selector"):  # weights, records and best model all continue
+        assert next(c for c in server["components"] if c["id"] == component)["args"]["resume_from"] == str(model.parent)
+    assert [w["args"]["task_timeout"] for w in server["workflows"]] == [90, 90]
+    assert server["workflows"][0]["args"]["min_clients"] == 3 == json.loads((out / "meta.json").read_text())["min_clients"]
     assert bundle_args(client)[0]["config_files"] == ["train.json", "cpu_demo.json"]  # the profile is kept
 
 
@@ -83,7 +98,8 @@ def test_bad_requests_are_clear_errors_and_write_nothing(tmp_path, checkpoint):
 
 def test_job_command(tmp_path, checkpoint, capsys):
     assert main(["job", "jobs/fedsam_prostate", "--out", str(tmp_path / "j"), "--profile", "paper", "--pretrained-checkpoint", str(checkpoint)]) == 0
-    assert f"nvflare simulator {tmp_path / 'j'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"nvflare simulator {tmp_path / 'j'}" in out and f"nvflare job submit -j {tmp_path / 'j'}" in out
     assert main(["job", "jobs/fedsam_prostate", "--out", str(tmp_path / "k"), "--profile", "paper"]) == 2
     assert "needs --pretrained-checkpoint" in capsys.readouterr().err
 
@@ -93,6 +109,7 @@ def _workflow_args(server: dict, workflow_id: str) -> dict:
 
 
 def test_fminit_job_gets_its_mode_partition_and_paper_epochs(tmp_path):
+    _data(tmp_path, "partitions/quantity")
     out = configure_job(
         REPO / "jobs/fminit_prostate", tmp_path / "pretrain",
         JobOptions(init_mode="pretrain", datalist_dir="partitions/quantity", num_rounds=4, dataset_dir=str(tmp_path / "data")),
@@ -115,3 +132,49 @@ def test_init_mode_needs_a_job_with_the_prestage(tmp_path):
     with pytest.raises(ValueError, match="unknown init mode"):
         JobOptions(init_mode="warm")
     assert not (tmp_path / "x").exists()
+
+
+def test_unusable_data_and_resume_inputs_are_refused_before_any_work(tmp_path):
+    with pytest.raises(DataError, match="no prepared data folder here"):
+        JobOptions(dataset_dir=str(tmp_path / "nothing"))
+    data = _data(tmp_path, "partitions/natural")
+    with pytest.raises(DataError, match=f"{data / 'datalists'}: holds no partition \\(no <site>.json datalists\\)"):
+        configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "x", JobOptions(dataset_dir=str(data)))
+    assert not (tmp_path / "x").exists()
+    garbage = tmp_path / "garbage" / "FL_global_model.pt"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=f"{garbage}: cannot be read as a saved global model"):
+        JobOptions(resume_from=str(garbage.parent))
+    torch.save({"weights": {}}, garbage)
+    with pytest.raises(DataError, match="no 'model' state dict"):
+        JobOptions(resume_from=str(garbage))
+    with pytest.raises(DataError, match="no global model to resume from"):
+        JobOptions(resume_from=str(tmp_path))
+    assert not list(tmp_path.glob("*/app"))
+
+
+def test_privacy_options_configure_nvflare_filters_and_the_server_checks(tmp_path):
+    out = configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "private", JobOptions(exclude_vars="^head\\.", percentile_privacy=20, norm_statistics="local"))
+    client, server = _configs(out)
+    filters = client["task_result_filters"][0]
+    assert filters["tasks"] == ["train"]
+    assert [f["path"].rsplit(".", 1)[1] for f in filters["filters"]] == ["ExcludeVars", "PercentilePrivacy"]
+    assert filters["filters"][1]["args"] == {"percentile": 20, "gamma": 0.01, "data_kinds": ["WEIGHT_DIFF"]}
+    learner = bundle_args(client)[0]
+    assert learner["send_weight_diff"] is True and learner["norm_statistics"] == "local"
+    assert next(c for c in server["components"] if c["id"] == "update_validator")["args"]["excluded_vars"] == "^head\\."
+    assert next(c for c in server["components"] if c["id"] == "persistor")["args"]["norm_statistics"] == "local"
+    with pytest.raises(ValueError, match="LoRA-SVD"):
+        configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "lora", JobOptions(percentile_privacy=10))
+
+
+@pytest.mark.parametrize("job", sorted(p.parent.name for p in (REPO / "jobs").glob("*/meta.json")))
+def test_every_shipped_job_checks_updates_and_bounds_its_tasks(job):
+    client, server = _configs(REPO / "jobs" / job)
+    meta = json.loads((REPO / "jobs" / job / "meta.json").read_text())
+    fedavg = next(w["args"] for w in server["workflows"] if w["path"].endswith("ResumableFedAvg"))
+    assert fedavg["min_clients"] == meta["min_clients"] and fedavg["task_timeout"] > 0
+    assert all(w["args"]["task_timeout"] > 0 for w in server["workflows"] if "task_timeout" in w["args"] or w["path"].endswith("FinalEvaluation"))
+    ids = {c["id"]: c["path"] for c in server["components"]}
+    assert ids["update_validator"] == "fedfms.fl.update_check.UpdateValidator" and ids["contributions"] == "fedfms.fl.recorder.ContributionRecorder"

@@ -9,30 +9,17 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedfms.bundle import bundle_network
+from nvflare.apis.fl_constant import FLMetaKey
+
+from fedfms.bundle import bundle_network, evaluate_checkpoint
 from fedfms.cli import main
-from fedfms.data.partition import PartitionOptions, partition
-from fedfms.data.prepare import PrepareOptions, prepare
-from fedfms.data.synthetic import synthesize_prostate
+from fedfms.fl.exchange import exchanged_keys
 from fedfms.fl.learner import site_datalist
-from fedfms.models import count_parameters
 from tests.fl.conftest import APP, job_copy, simulate
 
 pytestmark = pytest.mark.slow  # every test here runs the real simulator or prepares its data
 
 SITES = ("BMC", "I2CVB", "RUNMC")  # the three synthetic sites, in sorted order (site-1..3)
-
-
-@pytest.fixture(scope="module")
-def fl_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fl_data")
-    synthesize_prostate(root / "raw", sites=3, cases_per_site=3, seed=5, shape=(32, 32, 8))
-    quiet = lambda _: None  # noqa: E731
-    prepare(root / "raw", root / "data", PrepareOptions(image_size=64, label_size=64), log=quiet)
-    prepare(root / "raw", root / "data_stack5", PrepareOptions(image_size=64, label_size=64, num_slices=5, all_label_slices=True), log=quiet)
-    partition(root / "data", root / "data" / "partitions" / "natural", PartitionOptions(method="natural", proxy_fraction=0))
-    partition(root / "data", root / "data" / "partitions" / "loso", PartitionOptions(method="loso", unseen_site="RUNMC", proxy_fraction=0))
-    return root
 
 
 @dataclass
@@ -43,48 +30,76 @@ class Run:
     data: Path
     datalist_dir: str
     bundle: str
+    sent: Path  # every update as it left its site
 
     @property
     def app(self) -> Path:
         return self.workspace / APP
 
 
-def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data", resume_from: str | None = None) -> Run:
-    job_dir = job_copy(job, tmp_path, fl_data / data, rounds, resume_from=resume_from)
+def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data", **options) -> Run:
+    job_dir = job_copy(job, tmp_path, fl_data / data, rounds, **options)
+    _record_outgoing(job_dir, tmp_path / "sent")
     log = simulate(job_dir, tmp_path / "ws", clients)
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())["components"][0]["args"]
-    return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"])
+    return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"], tmp_path / "sent")
+
+
+def _record_outgoing(job_dir: Path, folder: Path) -> None:
+    """Every site saves each update as it leaves (fedfms.fl.drills.OutgoingUpdateRecorder), for the checks below."""
+    config = job_dir / "app/config/config_fed_client.json"
+    client = json.loads(config.read_text())
+    recorder = {"path": "fedfms.fl.drills.OutgoingUpdateRecorder", "args": {"folder": str(folder)}}
+    client.setdefault("task_result_filters", []).append({"tasks": ["train"], "filters": [recorder]})
+    config.write_text(json.dumps(client))
 
 
 def _trainable(network) -> set[str]:
     return {n for n, p in network.named_parameters() if p.requires_grad}
 
 
-def _check_federated_run(run: Run, rounds: list[int], sites: list[str]) -> torch.nn.Module:
-    """What every job must show: trainable-only change, accepted sample-weighted updates of the right size, test tables."""
+def _exchanged(network, norm_statistics: str = "global") -> set[str]:
+    return set(exchanged_keys(network, norm_statistics))
+
+
+def _exchanged_bytes(network, norm_statistics: str = "global") -> int:
+    state, keys = network.state_dict(), _exchanged(network, norm_statistics)
+    return sum(state[k].numel() * state[k].element_size() for k in keys)
+
+
+def _check_federated_run(run: Run, rounds: list[int], sites: list[str], norm_statistics: str = "global") -> torch.nn.Module:
+    """What every job must show: exchanged-only change, accepted sample-weighted updates of the right size, test tables."""
     initial = bundle_network(run.bundle, ["train.json", "cpu_demo.json"])
-    trainable = _trainable(initial)
-    assert f"global model: {len(trainable)} trainable of {len(initial.state_dict())} tensors are exchanged" in run.log
+    exchanged = _exchanged(initial, norm_statistics)
+    assert f"global model: {len(exchanged)} exchanged of {len(initial.state_dict())} tensors ({norm_statistics} normalisation statistics)" in run.log
     saved = torch.load(run.app / "FL_global_model.pt", weights_only=False)
     changed = {k for k, v in initial.state_dict().items() if not torch.equal(torch.as_tensor(saved["model"][k]), v)}
-    assert changed and changed <= trainable  # frozen weights never moved; trained ones did
+    assert changed and changed <= exchanged  # frozen weights never moved; trained ones did
     assert saved["meta_props"]["completed_rounds"] == rounds[-1] + 1
     folder = run.data / run.datalist_dir
     samples = {site: len(json.loads((folder / f"{site_datalist(site, folder)}.json").read_text())["training"]) for site in sites}
     aggregation = saved["meta_props"].get("metrics_aggregation_info", {})
     if "site_weights" in aggregation:  # recorded by FedAvg's own aggregation (the LoRA-SVD aggregator has its own test)
         assert {w["name"]: w["weight"] for w in aggregation["site_weights"]} == samples
-    # Every contribution was recorded and accepted, weighted by its samples, and carried exactly the trainable bytes.
-    rows = json.loads((run.app / "round_metrics.json").read_text())
+    # Every contribution was recorded and accepted, weighted by its samples, and carried exactly the exchanged bytes.
+    rows = [r for r in json.loads((run.app / "round_metrics.json").read_text()) if r["round"] in rounds]
     assert sorted((r["round"], r["site"]) for r in rows) == sorted((n, s) for n in rounds for s in sites)
-    assert all(r["accepted"] and r["num_train_samples"] == samples[r["site"]] for r in rows)
-    assert {r["bytes_received"] for r in rows} == {count_parameters(initial).bytes_per_round}
+    assert all(r["status"] == "accepted" and r["num_train_samples"] == samples[r["site"]] for r in rows)
+    size = _exchanged_bytes(initial, norm_statistics)
+    assert {r["bytes_received"] for r in rows} == {size}
     assert all(0 <= r["global_val_dice"] <= 1 for r in rows)
-    assert all(f"round {n} {site}: accepted=True, {count_parameters(initial).bytes_per_round:,} bytes" in run.log for n in rounds for site in sites)
+    assert all(f"round {n} {site}: accepted=True, status=accepted, {size:,} bytes" in run.log for n in rounds for site in sites)
+    assert json.loads((run.app / "run_status.json").read_text())["status"] == "completed"
     final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
     assert set(sites) | {"average"} <= set(final)
     assert final["average"]["dice_2d"] == pytest.approx(sum(final[s]["dice_2d"] for s in sites) / len(sites))
     return initial
+
+
+def _weighted_mean_of_sent(run: Run, round_: int, sites: list[str], key: str) -> torch.Tensor:
+    updates = [torch.load(run.sent / f"{site}_round{round_}.pt", weights_only=False) for site in sites]
+    weights = [u["meta"][FLMetaKey.NUM_STEPS_CURRENT_ROUND] for u in updates]
+    return sum(w * u["data"][key].double() for w, u in zip(weights, updates)) / sum(weights)
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +122,22 @@ def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fedmsa_run, 
     assert (app / "dice_per_round.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_restarted_server_resumes_from_the_last_global_model(fedmsa_run, tmp_path):
-    """A second run given the first one's global model continues at round 2 of 3 instead of starting over."""
-    saved = tmp_path / "last_global_model.pt"
-    shutil.copy(fedmsa_run.app / "FL_global_model.pt", saved)
+def test_restarted_server_resumes_its_rounds_records_and_best_model(fedmsa_run, tmp_path):
+    """A second run given the first one's server app folder continues at round 2 of 3, with its records and best model."""
+    saved = tmp_path / "saved_app_server"
+    shutil.copytree(fedmsa_run.app, saved)  # what the README says to keep before a restart
     resumed = _run("fedmsa_prostate", fedmsa_run.data.parent, tmp_path, rounds=3, resume_from=str(saved))
-    assert f"resuming from {saved}, saved after 2 completed rounds" in resumed.log
+    assert f"resuming from {saved / 'FL_global_model.pt'}, saved after 2 completed rounds" in resumed.log
     assert "resuming at round 2: 1 of 3 rounds left" in resumed.log
     assert "Round 2 started." in resumed.log and "Round 0 started." not in resumed.log and "Round 1 started." not in resumed.log
     _check_federated_run(resumed, rounds=[2], sites=["site-1", "site-2", "site-3"])
-    before, after = torch.load(saved, weights_only=False)["model"], torch.load(resumed.app / "FL_global_model.pt", weights_only=False)["model"]
+    rows = json.loads((resumed.app / "round_metrics.json").read_text())
+    assert rows[:6] == json.loads((saved / "round_metrics.json").read_text())  # the earlier rounds' records continue
+    assert [r["round"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3
+    assert (resumed.app / "best_FL_global_model.pt").is_file()
+    best = json.loads((saved / "best_model.json").read_text())
+    assert f"best global model so far: round {best['round']}, val_mean_dice {best['metric']:.4f}" in resumed.log
+    before, after = torch.load(saved / "FL_global_model.pt", weights_only=False)["model"], torch.load(resumed.app / "FL_global_model.pt", weights_only=False)["model"]
     assert any(not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(after[k])) for k in before)
 
 
@@ -132,10 +153,30 @@ def test_fedsam_job_runs_with_real_site_names(fl_data, tmp_path):
     assert _trainable(initial) == set(initial.state_dict()) - {k for k, _ in initial.named_buffers()}  # full fine-tuning
 
 
-@pytest.mark.parametrize("job, clients", [("fedunet_prostate", ("BMC", "RUNMC")), ("fednnunet_prostate", 2)])
-def test_unet_baseline_jobs(job, clients, fl_data, tmp_path):
-    sites = list(clients) if isinstance(clients, tuple) else ["site-1", "site-2"]
-    _check_federated_run(_run(job, fl_data, tmp_path, rounds=1, clients=clients), rounds=[0], sites=sites)
+def test_fedunet_global_model_carries_the_sites_batch_norm_statistics(fl_data, tmp_path):
+    """FedU-Net: running statistics are averaged like the weights, and the final test scores the saved model itself."""
+    sites = ["BMC", "RUNMC"]
+    run = _run("fedunet_prostate", fl_data, tmp_path, rounds=1, clients=tuple(sites))
+    initial = _check_federated_run(run, rounds=[0], sites=sites)
+    saved = torch.load(run.app / "FL_global_model.pt", weights_only=False)["model"]
+    statistics = [k for k in initial.state_dict() if k.endswith(("running_mean", "running_var"))]
+    assert statistics and set(statistics) <= _exchanged(initial)
+    for key in statistics:
+        torch.testing.assert_close(torch.as_tensor(saved[key]).double(), _weighted_mean_of_sent(run, 0, sites, key), rtol=1e-5, atol=1e-7)
+    # final_test is the saved global model as it is: the same scores from the file itself
+    final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
+    scores = evaluate_checkpoint(run.bundle, ["train.json", "cpu_demo.json"], run.app / "FL_global_model.pt", tmp_path / "eval",
+                                 dataset_dir=str(run.data), datalist_dir=run.datalist_dir, sites="BMC")
+    assert scores["dice_2d"] == pytest.approx(final["BMC"]["dice_2d"], abs=1e-6) and final["BMC"]["note"] is None
+
+
+def test_fednnunet_with_local_normalisation_layers_fedbn(fl_data, tmp_path):
+    run = _run("fednnunet_prostate", fl_data, tmp_path, rounds=1, clients=2, norm_statistics="local")
+    initial = _check_federated_run(run, rounds=[0], sites=["site-1", "site-2"], norm_statistics="local")
+    norm_keys = {k for k in initial.state_dict() if ".norm" in k}
+    assert norm_keys and not norm_keys & _exchanged(initial, "local")  # instance-norm layers stay at the sites
+    final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
+    assert all("FedBN" in final[s]["note"] for s in ("site-1", "site-2"))
 
 
 def test_leave_one_site_out_job_tests_the_unseen_site(fl_data, tmp_path):
@@ -150,10 +191,14 @@ def test_leave_one_site_out_job_tests_the_unseen_site(fl_data, tmp_path):
 
 
 def test_job_without_data_stops_and_says_where_it_looked(tmp_path):
+    (tmp_path / "no_data").mkdir()  # a data folder without the job's partition
     job_dir = job_copy("fedmsa_prostate", tmp_path, tmp_path / "no_data", rounds=1)
     log = simulate(job_dir, tmp_path / "ws", 2, expect_success=False)
     assert f"{tmp_path / 'no_data' / 'partitions' / 'natural'}: no such partition folder; make the demo data with `make demo`" in log
-    assert "Finished FedAvg." not in log and not (tmp_path / "ws" / APP / "FL_global_model.pt").exists()
+    status = json.loads((tmp_path / "ws" / APP / "run_status.json").read_text())
+    assert status["status"] == "ended_early" and "0 acceptable updates of 2 sites" in status["reason"]
+    assert not (tmp_path / "ws" / APP / "final_test.json").exists()  # no site could score anything
+    assert main(["report", str(tmp_path / "ws")]) == 4
 
 
 def test_site_names_map_onto_prepared_datalists(fl_data):

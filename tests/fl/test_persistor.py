@@ -1,5 +1,6 @@
 """TrainableModelPersistor: trainable-only exchange, round bookkeeping, resume from a saved global model."""
 
+import pytest
 import torch
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
@@ -55,3 +56,31 @@ def test_resume_from_starts_at_the_saved_weights_not_the_initial_ones(tmp_path):
     restarted = torch.load(tmp_path / "app" / "FL_global_model.pt", weights_only=True)  # this run's global model starts there
     assert restarted["meta_props"][COMPLETED_ROUNDS] == 3
     assert all(torch.equal(restarted["model"][k], v) for k, v in trained.state_dict().items())
+
+
+def test_a_save_can_never_write_a_frozen_unknown_or_non_finite_value(tmp_path):
+    network = _network(0)
+    persistor = TrainableModelPersistor(model=network)
+    fl_ctx = _started(persistor, tmp_path)
+    learnable = persistor.load_model(fl_ctx)
+    assert (tmp_path / "FL_global_model.pt").is_file()  # the run's global model exists from the start
+    good = {k: torch.full(v.shape, 2.0) for k, v in learnable[ModelLearnableKey.WEIGHTS].items()}
+    for bad, reason in (({**good, "0.weight": torch.zeros(3, 4)}, "keys outside the exchanged set, e.g. 0.weight"),
+                        ({**good, "x.weight": torch.zeros(1)}, "keys outside the exchanged set, e.g. x.weight"),
+                        ({**good, "1.bias": torch.tensor([0.0, float("nan")])}, "1.bias holds non-finite values")):
+        with pytest.raises(ValueError, match=reason):
+            persistor.save_model(make_model_learnable(bad, {}), fl_ctx)
+    saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in network.state_dict().items())  # still the initial model
+
+
+def test_resume_from_an_earlier_app_folder_carries_its_best_model(tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    torch.save({"model": _network(1).state_dict(), "meta_props": {COMPLETED_ROUNDS: 2}}, earlier / "FL_global_model.pt")
+    torch.save({"model": _network(2).state_dict()}, earlier / "best_FL_global_model.pt")
+    persistor = TrainableModelPersistor(model=_network(0), resume_from=str(earlier))
+    (tmp_path / "app").mkdir()
+    persistor.load_model(_started(persistor, tmp_path / "app"))
+    best = torch.load(tmp_path / "app" / "best_FL_global_model.pt", weights_only=True)["model"]
+    assert all(torch.equal(best[k], v) for k, v in _network(2).state_dict().items())

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from fedfms.cli import main
+from fedfms.fl.report import IncompleteRun, report
 
 ROWS = [
     {"round": r, "site": s, "accepted": True, "bytes_received": 100, "global_val_dice": d, "local_val_dice": d}
@@ -20,6 +23,7 @@ FM = {
 def _write(folder, **records):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "round_metrics.json").write_text(json.dumps(ROWS))
+    (folder / "final_test.json").write_text(json.dumps([{"site": "average", "dice_2d": 0.5, "iou_2d": 0.4, "dice_3d": 0.6}]))
     for name, record in records.items():
         (folder / f"{name}.json").write_text(json.dumps(record))
 
@@ -41,3 +45,14 @@ def test_report_of_random_and_of_jobs_without_a_prestage(tmp_path, capsys):
     assert "initial global model: random (the network as built; no pre-stage)" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "plain")]) == 0
     assert "initial global model" not in capsys.readouterr().out
+
+
+def test_report_of_a_run_without_final_scores_is_an_error(tmp_path, capsys):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "round_metrics.json").write_text(json.dumps([{"round": 0, "site": "site-1", "status": "failed", "reason": "x", "accepted": False, "bytes_received": 0, "global_val_dice": None}]))
+    (app / "run_status.json").write_text(json.dumps({"status": "aborted", "reason": "Exception in workflow fedavg"}))
+    with pytest.raises(IncompleteRun, match="no final test scores"):
+        report(app)
+    assert main(["report", str(app)]) == 4
+    assert "run ABORTED: Exception in workflow fedavg" in capsys.readouterr().out

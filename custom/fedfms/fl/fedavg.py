@@ -1,21 +1,106 @@
-"""FedAvg that continues an interrupted run instead of starting over."""
+"""FedAvg that checks every update, bounds every round in time, records every contribution, and resumes.
+
+NVFlare's ``FedAvg`` waits for every sampled site forever, adds any result it gets (a failed one
+aborts the run) and keeps no record of what it refused. :class:`ResumableFedAvg` keeps FedAvg's
+machinery (its in-time weighted aggregation or a configured ``ModelAggregator``, the persistor,
+the events the model selector and TensorBoard receiver listen to) and changes the round loop:
+
+* each round's task has ``task_timeout`` seconds; once ``min_clients`` sites have answered, the
+  others get the rest of that time, and a site that answers later is recorded ``late``;
+* every update goes through the :class:`~fedfms.fl.update_check.UpdateValidator` before it can
+  be added, so a bad one is refused whole, whatever the order of arrival;
+* a site whose task fails is recorded and the round goes on without it;
+* a round with fewer than ``min_clients`` acceptable updates leaves the global model as it was
+  and ends the rounds, so the workflows after FedAvg (final evaluation) still run on the last
+  good global model;
+* every expected contribution and the run's end state go to the
+  :class:`~fedfms.fl.recorder.ContributionRecorder`.
+
+It also resumes: when the persistor starts from a saved global model, the rounds continue after
+the ones that model records.
+"""
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
+import torch
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReturnCode, Shareable
+from nvflare.apis.client import Client
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
+from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.fuel.utils.log_utils import center_message
 
 from fedfms.fl.persistor import COMPLETED_ROUNDS
+from fedfms.fl.recorder import ContributionRecorder
+from fedfms.fl.update_check import UpdateValidator
+
+
+def _like(reference, value):
+    """``value`` as a NumPy array when ``reference`` is one (torch tensors otherwise stay as they are)."""
+    if isinstance(reference, np.ndarray) and isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().astype(reference.dtype, copy=False)
+    return value
+
+
+def start_of(model: FLModel) -> int:
+    """The first round of this run (a resumed run starts after the rounds its model records)."""
+    return model.start_round or 0
 
 
 class ResumableFedAvg(FedAvg):
-    """NVFlare's FedAvg, resuming after the rounds recorded in the persistor's starting model.
+    """NVFlare's FedAvg with checked updates, bounded rounds, full records and resume (see the module docstring).
 
-    ``num_rounds`` is the total for the whole run. When the persistor starts from a saved global
-    model (:class:`fedfms.fl.persistor.TrainableModelPersistor` with ``resume_from``), that model
-    records how many rounds were completed; the rounds continue from the next one until the total
-    is reached, so a restarted server picks up where the last saved global model left off. With no
-    record the run starts at round 0, exactly as ``FedAvg``.
+    Args:
+        min_clients: acceptable updates a round needs to update the global model (the job's
+            ``meta.json`` ``min_clients``); fewer end the rounds.
+        task_timeout: seconds a round's task may take (0: no limit; then a silent site stalls the run).
+        validator_id: the :class:`~fedfms.fl.update_check.UpdateValidator` component.
+        recorder_id: the :class:`~fedfms.fl.recorder.ContributionRecorder` component.
+        kwargs: ``FedAvg`` arguments (``num_rounds``, ``persistor_id``, ``aggregator``, ...).
+            ``ignore_result_error`` defaults to True: a failed site is recorded, not a reason to abort.
     """
+
+    def __init__(
+        self,
+        *args,
+        min_clients: int = 1,
+        task_timeout: int = 0,
+        validator_id: str = "update_validator",
+        recorder_id: str = "contributions",
+        **kwargs,
+    ) -> None:
+        if kwargs.get("stop_cond"):
+            raise ValueError("ResumableFedAvg runs every round: early stopping (stop_cond) is not supported")
+        kwargs.setdefault("ignore_result_error", True)
+        super().__init__(*args, **kwargs)
+        if min_clients < 1 or task_timeout < 0:
+            raise ValueError(f"need min_clients >= 1 and task_timeout >= 0, got {min_clients} and {task_timeout}")
+        self.min_clients = min_clients
+        self.task_timeout = int(task_timeout)
+        self.validator_id = validator_id
+        self.recorder_id = recorder_id
+        self.validator: UpdateValidator | None = None
+        self.recorder: ContributionRecorder | None = None
+        self._outcomes: dict[str, str] = {}  # this round: site -> status
+
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        super().start_controller(fl_ctx)
+        self.validator = self._component(self.validator_id, UpdateValidator)
+        self.recorder = self._component(self.recorder_id, ContributionRecorder)
+
+    def _component(self, component_id: str, kind: type):
+        component = self.engine.get_component(component_id)
+        if not isinstance(component, kind):
+            raise TypeError(f"component {component_id!r} must be a {kind.__name__}, got {type(component).__name__}")
+        return component
 
     def run(self) -> None:
         model = self.load_model()
@@ -23,9 +108,115 @@ class ResumableFedAvg(FedAvg):
         total = self.start_round + self.num_rounds
         if completed >= total:
             self.info(f"the starting model already completed {completed} of {total} rounds; no rounds left")
+            self.recorder.run_status("completed", f"{completed} of {total} rounds were done before this run")
             return
         if completed:
             self.info(f"resuming at round {completed}: {total - completed} of {total} rounds left")
         start = max(self.start_round, completed)
-        self.model, self.start_round, self.num_rounds = model, start, total - start
-        super().run()
+        self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, total, private=True, sticky=False)
+        model.start_round, model.total_rounds = start, total
+        self.info(center_message("Start FedAvg."))
+        for self.current_round in range(start, total):
+            if not self._round(model):
+                return
+            model = self._aggregated(model)
+            self.save_model(model)
+            self._maybe_cleanup_memory()
+        self.recorder.run_status("completed", f"all {total} rounds", rounds_completed=total, rounds_planned=total)
+        self.info(center_message("Finished FedAvg."))
+
+    def _round(self, model: FLModel) -> bool:
+        """Send the round's task and collect its updates; False when the rounds must end here."""
+        self.info(center_message(message=f"Round {self.current_round} started.", boarder_str="-"))
+        model.current_round = self.current_round
+        self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, self.current_round, private=True, sticky=False)
+        if self.aggregator and self.aggregator.fl_ctx:
+            self.aggregator.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, self.current_round, private=True, sticky=False)
+        self.event(AppEventType.ROUND_STARTED)
+        clients = self.sample_clients(self.num_clients)
+        self._reset_aggregation(len(clients))
+        self.validator.expect(model.params, self.persistor.model.state_dict() if self.persistor else model.params)
+        set_fedprox_metadata(model, self.fedprox_mu)
+        self.broadcast_model(
+            data=model,
+            task_name=self.task_name,
+            targets=clients,
+            min_responses=min(self.min_clients, len(clients)) if self.task_timeout else 0,  # 0: wait for every site
+            timeout=self.task_timeout,
+            wait_time_after_min_received=self.task_timeout,
+            blocking=False,
+            callback=self._aggregate_one_result,
+        )
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                self.info("Abort signal triggered. Finishing FedAvg.")
+                return False
+            time.sleep(self._task_check_period)
+        for site in sorted(set(clients) - set(self._outcomes)):
+            self._record(site, "timed_out", f"no answer within the task timeout of {self.task_timeout} s")
+        if self._received_count < self.min_clients:
+            kept = f"as it was after round {self.current_round - 1}" if self.current_round > start_of(model) else "the initial model"
+            reason = (
+                f"round {self.current_round}: {self._received_count} acceptable updates of {len(clients)} sites, fewer than "
+                f"min_clients {self.min_clients}; the global model stays {kept}"
+            )
+            self.error(f"the rounds end early: {reason}")
+            self.recorder.run_status("ended_early", reason, rounds_completed=self.current_round, rounds_planned=model.total_rounds)
+            return False
+        return True
+
+    def _aggregated(self, model: FLModel) -> FLModel:
+        self.event(AppEventType.BEFORE_AGGREGATION)
+        aggregate_results = self._get_aggregated_result()
+        self.fire_event_with_data(AppEventType.AFTER_AGGREGATION, self.fl_ctx, AppConstants.AGGREGATION_RESULT, aggregate_results)
+        return self.update_model(model, aggregate_results)
+
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        """FedAvg's update, with the aggregate in the global model's array type.
+
+        The persistor hands out NumPy arrays while sites send torch tensors; FedAvg replaces weights
+        but adds weight changes, and NumPy 2 cannot add a torch tensor to an array.
+        """
+        if aggr_result.params_type == ParamsType.DIFF:
+            aggr_result.params = {k: _like(model.params.get(k), v) for k, v in aggr_result.params.items()}
+        return super().update_model(model, aggr_result)
+
+    def _reset_aggregation(self, expected: int) -> None:
+        """A new round's aggregation state, as FedAvg's own loop sets it."""
+        if self.aggregator:
+            self.aggregator.reset_stats()
+        else:
+            self._aggr_helper = WeightedAggregationHelper(exclude_vars=self.exclude_vars)
+            self._aggr_metrics_helper = WeightedAggregationHelper()
+            self._all_metrics = True
+        self._received_count, self._expected_count = 0, expected
+        self._params_type, self._site_metric_weights = None, {}
+        self._outcomes = {}
+
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        """Check the update first: only an acceptable one reaches FedAvg's aggregation."""
+        site = _get_client_name(result)
+        reason = self.validator.check(site, result) if result.params else "the update holds no parameters"
+        if reason:
+            self._record(site, "rejected", reason, result)
+            return False
+        accepted = super()._aggregate_one_result(result)
+        self.validator.remember(site, result)
+        self._record(site, "accepted", None, result)
+        return accepted
+
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False) -> bool:
+        accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
+        rc = result.get_return_code()
+        if rc and rc != ReturnCode.OK and not is_unknown_task:
+            self._record(client_name, "failed", f"the site's task ended with {rc}")
+        return accepted
+
+    def process_result_of_unknown_task(self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext) -> None:
+        """A result that came after its round ended: recorded, never aggregated."""
+        contribution_round = result.get_cookie(AppConstants.CONTRIBUTION_ROUND, result.get_header(AppConstants.CURRENT_ROUND))
+        self.recorder.record(fl_ctx, contribution_round, client.name, "late", f"answered after round {contribution_round} had ended; not aggregated")
+
+    def _record(self, site: str, status: str, reason: str | None, result: FLModel | None = None) -> None:
+        self._outcomes[site] = status
+        self.recorder.record(self.fl_ctx, self.current_round, site, status, reason, result)

@@ -12,15 +12,19 @@ from fedfms.bundle import TEST_METRICS
 from fedfms.io import save_csv, save_json
 
 TEST_SPLIT = "testing"
-COLUMNS = ("site", *TEST_METRICS)
+COLUMNS = ("site", *TEST_METRICS, "note")
+FEDBN_NOTE = "scored with the site's own normalisation layers (FedBN), not the saved global model's"
 
 
 class FinalEvaluation(ModelController):
     """Sends the last global model with ``meta["split"] = "testing"`` to every client's validate task.
 
     Each site answers with its test-set scores (2D Dice and IoU per slice, 3D Dice per volume,
-    written in full at the site); the server writes one row per site and the mean over sites to
-    ``<app_server>/<file_name>.csv`` and ``.json``. With ``unseen_evaluator_id`` (a
+    written in full at the site); the server writes one row per site and the mean over the sites
+    that answered to ``<app_server>/<file_name>.csv`` and ``.json``. A site that fails or does
+    not answer within ``task_timeout`` seconds gets a row saying so; the others' scores are kept.
+    Under FedBN (``norm_statistics: local`` in the persistor) every row says that the site scored
+    the global weights with its own normalisation layers. With ``unseen_evaluator_id`` (a
     :class:`fedfms.fl.unseen.UnseenSiteEvaluator`) a leave-one-site-out job adds a row
     ``unseen:<SITE>`` for the site that never trained; it is not part of the average.
     """
@@ -31,12 +35,16 @@ class FinalEvaluation(ModelController):
         task_name: str = "validate",
         file_name: str = "final_test",
         unseen_evaluator_id: str = "",
+        task_timeout: int = 0,
         task_check_period: float = 0.5,
     ) -> None:
-        super().__init__(persistor_id=persistor_id, task_check_period=task_check_period)
+        super().__init__(persistor_id=persistor_id, task_check_period=task_check_period, ignore_result_error=True)
+        if task_timeout < 0:
+            raise ValueError(f"task_timeout must be >= 0, got {task_timeout}")
         self.task_name = task_name
         self.file_name = file_name
         self.unseen_evaluator_id = unseen_evaluator_id
+        self.task_timeout = int(task_timeout)
 
     def run(self) -> None:
         learnable = self.persistor.final_model(self.fl_ctx)
@@ -45,14 +53,24 @@ class FinalEvaluation(ModelController):
             return
         model = FLModelUtils.from_model_learnable(learnable)
         model.meta = {"split": TEST_SPLIT}
-        results = self.send_model_and_wait(task_name=self.task_name, data=model)
-        rows = sorted(({"site": r.meta.get("client_name"), **(r.metrics or {})} for r in results), key=lambda r: str(r["site"]))
-        rows.append({"site": "average", **{k: _mean([r.get(k) for r in rows]) for k in COLUMNS[1:]}})
+        sites = sorted(client.name for client in self.engine.get_clients())
+        # Without a timeout every site is waited for (min_responses 0 means all of them).
+        results = self.broadcast_model(
+            data=model, task_name=self.task_name, targets=sites, min_responses=1 if self.task_timeout else 0,
+            timeout=self.task_timeout, wait_time_after_min_received=self.task_timeout,
+        )
+        note = FEDBN_NOTE if getattr(self.persistor, "norm_statistics", "global") == "local" else None
+        scored = {r.meta.get("client_name"): {**(r.metrics or {}), "note": note} for r in results if r.metrics}
+        if not scored:
+            self.error(f"no site scored the final global model within {self.task_timeout} s: no final test table")
+            return
+        rows = [{"site": s, **scored.get(s, {"note": f"no scores: the site failed or did not answer within {self.task_timeout} s"})} for s in sites]
+        rows.append({"site": "average", **{k: _mean([r.get(k) for r in rows]) for k in TEST_METRICS}, "note": f"{len(scored)} of {len(sites)} sites"})
         if self.unseen_evaluator_id:
             rows.append(self._unseen_row())
         self._write(rows)
         for row in rows:
-            self.info(f"final test {row['site']}: " + ", ".join(f"{k} {row.get(k)}" for k in COLUMNS[1:]))
+            self.info(f"final test {row['site']}: " + ", ".join(f"{k} {row.get(k)}" for k in TEST_METRICS) + (f" ({row['note']})" if row.get("note") else ""))
 
     def _unseen_row(self) -> dict:
         evaluator = self.get_component(self.unseen_evaluator_id)

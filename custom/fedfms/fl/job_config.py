@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from pathlib import Path
 from fedfms.bundle import read_method
 from fedfms.distillation.prestage import INIT_MODES
 from fedfms.errors import DataError
+from fedfms.fl.exchange import NORM_STATISTICS
+from fedfms.fl.persistor import read_resume_model
 from fedfms.paths import resolve_path
 
 PROFILES = ("cpu_demo", "paper")
@@ -35,6 +38,10 @@ PAPER_ROUNDS = 100  # FedFMS and FLAP-SAM: 100 rounds x 1 local epoch
 CONFIG_FILES = ("config_fed_client.json", "config_fed_server.json")
 FMINIT_WORKFLOW = "FMInstructedInit"
 FMINIT_PAPER_LOCAL_EPOCHS = 5
+PAPER_TASK_TIMEOUT = 6 * 3600  # seconds a round's task may take at paper size (the demo's: 600)
+RESUMING_COMPONENTS = ("persistor", "contributions", "model_selector")  # what a resumed run carries over
+EXCLUDE_VARS = "nvflare.app_common.filters.exclude_vars.ExcludeVars"
+PERCENTILE_PRIVACY = "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy"
 
 
 @dataclass
@@ -47,6 +54,12 @@ class JobOptions:
     resume_from: str | None = None
     datalist_dir: str | None = None  # the partition inside dataset_dir, e.g. partitions/quantity
     init_mode: str | None = None  # random, pretrain or fm: jobs with an FM-instructed-init workflow
+    task_timeout: int | None = None  # seconds per round's task (and the final evaluation); paper profile: 6 h
+    min_clients: int | None = None  # acceptable updates a round needs (also meta.json's min_clients)
+    norm_statistics: str | None = None  # global (exchanged) or local (FedBN)
+    exclude_vars: str | None = None  # regex: these never leave a site (NVFlare's ExcludeVars)
+    percentile_privacy: float | None = None  # share only weight changes above this percentile (NVFlare's PercentilePrivacy)
+    privacy_gamma: float = 0.01  # PercentilePrivacy's clip of each shared change
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
@@ -55,12 +68,22 @@ class JobOptions:
             raise ValueError(f"unknown init mode {self.init_mode!r}; choose from {', '.join(INIT_MODES)}")
         if self.pretrained_checkpoint and not Path(self.pretrained_checkpoint).is_file():
             raise DataError(self.pretrained_checkpoint, "pretrained checkpoint not found")
-        if self.resume_from and not Path(self.resume_from).is_file():
-            raise DataError(self.resume_from, "global model to resume from not found")
-        for name in ("num_rounds", "local_epochs"):
+        if self.resume_from:
+            read_resume_model(self.resume_from)
+        if self.dataset_dir and not Path(self.dataset_dir).is_dir():
+            raise DataError(self.dataset_dir, "no prepared data folder here (--dataset-dir); run `fedfms prepare` first")
+        if self.norm_statistics not in (None, *NORM_STATISTICS):
+            raise ValueError(f"unknown norm statistics {self.norm_statistics!r}; choose from {', '.join(NORM_STATISTICS)}")
+        for name in ("num_rounds", "local_epochs", "min_clients"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.task_timeout is not None and self.task_timeout < 0:
+            raise ValueError(f"task_timeout must be >= 0, got {self.task_timeout}")
+        if self.percentile_privacy is not None and not 0 <= self.percentile_privacy <= 100:
+            raise ValueError(f"percentile_privacy must be in [0, 100], got {self.percentile_privacy}")
+        if self.exclude_vars:
+            re.compile(self.exclude_vars)  # a bad expression fails here, not at the first round
 
 
 def bundle_args(config: dict) -> list[dict]:
@@ -106,6 +129,17 @@ def _workflow(server: dict, path_suffix: str) -> dict | None:
     return next((w["args"] for w in server["workflows"] if w["path"].endswith(path_suffix)), None)
 
 
+def check_partition(dataset_dir: str | os.PathLike, datalist_dir: str) -> None:
+    """Fail now, not at round 0, when ``dataset_dir`` holds no site datalists under ``datalist_dir``."""
+    folder = Path(dataset_dir) / datalist_dir
+    if not sorted(folder.glob("*.json")):
+        raise DataError(
+            folder,
+            f"holds no partition (no <site>.json datalists) for --dataset-dir {dataset_dir}; "
+            "run `fedfms partition` or choose another --datalist-dir",
+        )
+
+
 def configure(client: dict, server: dict, options: JobOptions) -> None:
     """Apply ``options`` to a job's client and server configs in place."""
     learner = bundle_args(client)[0]
@@ -116,6 +150,8 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
             args["dataset_dir"] = str(Path(options.dataset_dir).resolve())
         if options.datalist_dir and "datalist_dir" in args:
             args["datalist_dir"] = options.datalist_dir
+        if options.dataset_dir and "datalist_dir" in args:
+            check_partition(args["dataset_dir"], args["datalist_dir"])
     if options.init_mode:
         prestage = _workflow(server, FMINIT_WORKFLOW)
         if prestage is None:
@@ -128,9 +164,40 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
     if options.local_epochs or paper:
         # FedFMS and FLAP-SAM: 1 local epoch per round; FM-instructed initialisation: 5.
         learner["local_epochs"] = options.local_epochs or (FMINIT_PAPER_LOCAL_EPOCHS if _workflow(server, FMINIT_WORKFLOW) else 1)
+    if options.task_timeout is not None or paper:
+        timeout = options.task_timeout if options.task_timeout is not None else PAPER_TASK_TIMEOUT
+        for workflow in server["workflows"]:
+            if "task_timeout" in workflow["args"]:
+                workflow["args"]["task_timeout"] = timeout
+    if options.min_clients:
+        fedavg["min_clients"] = options.min_clients
+    if options.norm_statistics:
+        learner["norm_statistics"] = options.norm_statistics
+        _component(server, fedavg.get("persistor_id", "persistor"))["args"]["norm_statistics"] = options.norm_statistics
+    _set_privacy(client, server, learner, options)
     if options.resume_from:
-        persistor = next(c for c in server["components"] if c["id"] == fedavg.get("persistor_id", "persistor"))
-        persistor["args"]["resume_from"] = str(Path(options.resume_from).resolve())
+        for component_id in RESUMING_COMPONENTS:
+            _component(server, component_id)["args"]["resume_from"] = str(Path(options.resume_from).resolve())
+
+
+def _set_privacy(client: dict, server: dict, learner: dict, options: JobOptions) -> None:
+    """NVFlare's privacy filters on what leaves each site after training, and what the server then expects."""
+    filters = []
+    if options.exclude_vars:
+        filters.append({"path": EXCLUDE_VARS, "args": {"exclude_vars": options.exclude_vars}})
+        _component(server, "update_validator")["args"]["excluded_vars"] = options.exclude_vars
+    if options.percentile_privacy is not None:
+        if any(w["args"].get("aggregator") for w in server["workflows"]):
+            raise ValueError("percentile privacy sends weight changes; this job's aggregator (LoRA-SVD) averages the weights themselves")
+        percentile = {"percentile": options.percentile_privacy, "gamma": options.privacy_gamma, "data_kinds": ["WEIGHT_DIFF"]}
+        filters.append({"path": PERCENTILE_PRIVACY, "args": percentile})
+        learner["send_weight_diff"] = True
+    if filters:
+        client.setdefault("task_result_filters", []).append({"tasks": ["train"], "filters": filters})
+
+
+def _component(config: dict, component_id: str) -> dict:
+    return next(c for c in config["components"] if c["id"] == component_id)
 
 
 def configure_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike, options: JobOptions) -> Path:
@@ -149,8 +216,10 @@ def configure_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike, option
         shutil.copytree(source, staging, dirs_exist_ok=True)
         for name, config in zip(CONFIG_FILES, (client, server)):
             (staging / config_dir / name).write_text(json.dumps(config, indent=4) + "\n")
-        meta = json.loads((staging / "meta.json").read_text())
-        (staging / "meta.json").write_text(json.dumps({**meta, "name": out.name}, indent=4) + "\n")
+        meta = {**json.loads((staging / "meta.json").read_text()), "name": out.name}
+        if options.min_clients:
+            meta["min_clients"] = options.min_clients
+        (staging / "meta.json").write_text(json.dumps(meta, indent=4) + "\n")
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,9 +23,10 @@ from nvflare.app_common.abstract.model_learner import ModelLearner
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from fedfms.bundle import bundle_workflow, evaluate_checkpoint
+from fedfms.bundle import bundle_workflow, check_datalist, evaluate_checkpoint
 from fedfms.data.partition import client_datalists
 from fedfms.errors import DataError
+from fedfms.fl.exchange import exchanged_keys
 from fedfms.paths import resolve_path
 
 def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
@@ -59,6 +60,10 @@ class BundleLearner(ModelLearner):
         tracking_writer_id: id of the client's NVFlare ``TBWriter`` component; empty disables streaming.
         num_threads: torch threads for this site's training; 1 when several simulated sites share one
             machine (three sites x two threads on two cores ran 2.5x slower), None keeps torch's default.
+        norm_statistics: ``global`` (normalisation statistics travel with the weights) or ``local``
+            (FedBN); the server's persistor must be configured the same (:mod:`fedfms.fl.exchange`).
+        send_weight_diff: send the change of the weights in this round (NVFlare's WEIGHT_DIFF)
+            instead of the weights, as NVFlare's percentile and SVT privacy filters need.
         overrides: further bundle config overrides (e.g. ``{"batch_size": 4}``).
     """
 
@@ -71,9 +76,15 @@ class BundleLearner(ModelLearner):
         local_epochs: int = 1,
         tracking_writer_id: str = "tb_writer",
         num_threads: int | None = None,
+        norm_statistics: str = "global",
+        send_weight_diff: bool = False,
         overrides: dict | None = None,
     ) -> None:
         super().__init__()
+        exchanged_keys(torch.nn.Identity(), norm_statistics)  # validates the option
+        self.norm_statistics = norm_statistics
+        self.send_weight_diff = send_weight_diff
+        self.received: dict[str, torch.Tensor] = {}  # the global values of this round
         self.bundle_root = bundle_root
         self.config_files = list(config_files or ["train.json"])
         self.dataset_dir = dataset_dir
@@ -89,13 +100,15 @@ class BundleLearner(ModelLearner):
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         self.resolved_data = resolve_path(self.dataset_dir)
-        self.datalist = site_datalist(self.site_name, self.resolved_data / self.datalist_dir)
-        self.info(f"site {self.site_name} trains on datalist {self.datalist} of {self.resolved_data / self.datalist_dir}")
+        folder = self.resolved_data / self.datalist_dir
+        self.datalist = site_datalist(self.site_name, folder)
+        check_datalist(folder / f"{self.datalist}.json", ("training", "validation"))  # before any work: names the file
+        self.info(f"site {self.site_name} trains on datalist {self.datalist} of {folder}")
         self.workflow = self._workflow([], "train", max_epochs=self.local_epochs)
         self.trainer = self.workflow.trainer
         self.evaluator = self.workflow.parser.get_parsed_content("validate#evaluator")
         self.network = self.trainer.network
-        self.exchange_keys = [name for name, p in self.network.named_parameters() if p.requires_grad]
+        self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
         self.num_train_samples = len(self.trainer.data_loader.dataset)
         self.writer = self.engine.get_component(self.tracking_writer_id) if self.tracking_writer_id and self.engine else None
 
@@ -125,9 +138,13 @@ class BundleLearner(ModelLearner):
         local_dice = float(self.evaluator.state.metrics.get("val_mean_dice", float("nan")))
         self._track("local_val_dice", local_dice)
         keys = set(self.exchange_keys)
+        params = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items() if k in keys}  # a snapshot, not the live weights
+        if self.send_weight_diff:
+            params = {k: v - self.received[k].to(v.dtype) for k, v in params.items()}
         return FLModel(
-            params={k: v.detach().cpu().clone() for k, v in self.network.named_parameters() if k in keys},  # a snapshot, not the live weights
-            params_type=ParamsType.FULL,
+            params=params,
+            params_type=ParamsType.DIFF if self.send_weight_diff else ParamsType.FULL,
+            current_round=self.current_round,
             meta={
                 FLMetaKey.NUM_STEPS_CURRENT_ROUND: self.num_train_samples,
                 "num_train_samples": self.num_train_samples,
@@ -150,17 +167,22 @@ class BundleLearner(ModelLearner):
             self.workflow.finalize()
 
     def _load_global(self, model: FLModel) -> None:
-        """Copy the received trainable values into the network; anything else arriving is a bug upstream."""
+        """Copy the received values into the network; other keys or non-finite values are refused, naming the key."""
         received = set(model.params or {})
         expected = set(self.exchange_keys)
         if received != expected:
             missing, extra = sorted(expected - received)[:5], sorted(received - expected)[:5]
-            raise ValueError(f"global model keys differ from this strategy's trainable keys: missing {missing}, unexpected {extra}")
+            raise ValueError(f"global model keys differ from the exchanged keys of this site: missing {missing}, unexpected {extra}")
+        values = {k: torch.as_tensor(v) for k, v in model.params.items()}
+        bad = next((k for k, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise ValueError(f"refusing the global model of round {self.current_round}: {bad} holds non-finite values (NaN or Inf)")
+        state = self.network.state_dict()
         with torch.no_grad():
-            for name, parameter in self.network.named_parameters():
-                if name in received:
-                    parameter.copy_(torch.as_tensor(model.params[name]))
-        values = sum(torch.as_tensor(v).numel() for v in model.params.values())
+            for name, value in values.items():
+                state[name].copy_(value)
+        self.received = {k: v.detach().cpu().clone() for k, v in values.items()}
+        values = sum(v.numel() for v in values.values())
         self.info(f"round {self.current_round}: global model received, {len(received)} tensors, {values:,} values")
 
     def _validate(self) -> float:

@@ -1,44 +1,81 @@
-"""Server-side model persistence for partial (trainable-only) exchange, with resume after a restart."""
+"""Server-side model persistence for partial exchange, guarded saves, and resume after a restart."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
+import numpy as np
+import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from torch import nn
 
+from fedfms.errors import DataError
+from fedfms.fl.exchange import exchanged_keys
 from fedfms.paths import resolve_path
 
 #: Key of ``meta_props`` in a saved global model: how many rounds had finished when it was saved.
 COMPLETED_ROUNDS = "completed_rounds"
 #: The model round 0 started from (random, pre-trained or distilled), saved by the FM-instructed-init workflow.
 INITIAL_MODEL = "initial_global_model.pt"
+GLOBAL_MODEL = "FL_global_model.pt"
+BEST_MODEL = "best_FL_global_model.pt"
+
+
+def resume_folder(resume_from: str | os.PathLike) -> Path:
+    """The earlier run's server app folder: ``resume_from`` itself, or the folder of its ``FL_global_model.pt``."""
+    path = resolve_path(resume_from).resolve()
+    return path if path.is_dir() else path.parent
+
+
+def read_resume_model(resume_from: str | os.PathLike) -> dict:
+    """The saved global model a run resumes from, checked: it must be a global model this project saved."""
+    path = resolve_path(resume_from).resolve()
+    path = path / GLOBAL_MODEL if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(path, "no global model to resume from (expected the FL_global_model.pt of an earlier run, or its folder)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle, zip and torch errors all mean an unreadable file
+        raise DataError(path, f"cannot be read as a saved global model ({type(err).__name__}: {err})") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise DataError(path, "is not a global model saved by an NVFlare PyTorch persistor (no 'model' state dict)")
+    return saved
 
 
 class TrainableModelPersistor(PTFileModelPersistor):
-    """Keeps the full model on disk but hands the workflow only the trainable parameters.
+    """Keeps the full model on disk but hands the workflow only what travels (:mod:`fedfms.fl.exchange`).
 
-    The global model the controller sends out therefore holds exactly the strategy's trainable
-    parameters, and so do the clients' answers. Saving merges these partial updates into the full
-    checkpoint (``PTFileModelPersistor``'s persistence manager accepts partial updates), so
-    ``FL_global_model.pt`` is always a complete, loadable state dict. Each save also records the
-    number of completed rounds in the checkpoint's ``meta_props``.
+    The global model the controller sends out holds exactly the exchanged tensors (the strategy's
+    trainable parameters and, by default, normalisation statistics), and so do the clients'
+    answers. Saving merges these partial updates into the full checkpoint, so
+    ``FL_global_model.pt`` is always a complete, loadable state dict, saved at once when the run
+    starts and after every round, with the number of completed rounds in its ``meta_props``.
+    A save that would write a key outside the exchanged set or a non-finite value is refused: the
+    update checks should have stopped it, so it is a bug, and the saved model stays as it was.
 
     Args:
-        resume_from: a global model saved by an earlier run of the same job (its
-            ``FL_global_model.pt``). The run starts from those weights, and
-            :class:`fedfms.fl.fedavg.ResumableFedAvg` continues after the rounds it records.
+        resume_from: the server app folder of an earlier run of the same job (or its
+            ``FL_global_model.pt``). The run starts from that global model, keeps its best model,
+            and :class:`fedfms.fl.fedavg.ResumableFedAvg` continues after the rounds it records.
             Relative paths: see :mod:`fedfms.paths`. None starts from the bundle's initial network.
+        norm_statistics: ``global`` (normalisation statistics travel) or ``local`` (FedBN).
         kwargs: ``PTFileModelPersistor`` arguments (``model``, file names, ...).
     """
 
-    def __init__(self, *args, resume_from: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, resume_from: str | None = None, norm_statistics: str = "global", **kwargs) -> None:
+        self.resume_from = resume_from
         if resume_from:
-            kwargs["source_ckpt_file_full_name"] = str(resolve_path(resume_from).resolve())
+            read_resume_model(resume_from)  # a bad file is an error now, naming it, not at round 0
+            kwargs["source_ckpt_file_full_name"] = str(resume_folder(resume_from) / GLOBAL_MODEL)
         super().__init__(*args, **kwargs)
+        exchanged_keys(nn.Identity(), norm_statistics)  # validates the option
+        self.norm_statistics = norm_statistics
+        self._saved_once = False
 
     @property
     def resuming(self) -> bool:
@@ -58,7 +95,6 @@ class TrainableModelPersistor(PTFileModelPersistor):
             raise RuntimeError("a resumed run starts from its saved global model; it takes no new initial model")
         self.model.load_state_dict(network.state_dict())
         self.save_initial_model(fl_ctx)
-        self.save_model_file(self._ckpt_save_path)
 
     def save_initial_model(self, fl_ctx: FLContext) -> str:
         """Save the model round 0 starts from as ``initial_global_model.pt`` beside the global model; return its path."""
@@ -68,13 +104,13 @@ class TrainableModelPersistor(PTFileModelPersistor):
         self.log_info(fl_ctx, f"initial global model saved to {path}")
         return path
 
-    def trainable_names(self) -> set[str]:
-        return {name for name, p in self.model.named_parameters() if p.requires_grad}
+    def exchanged_names(self) -> set[str]:
+        return set(exchanged_keys(self.model, self.norm_statistics))
 
     def exchanged(self, learnable: ModelLearnable) -> ModelLearnable:
-        """``learnable`` restricted to the trainable parameters, the part that travels."""
-        weights, trainable = learnable[ModelLearnableKey.WEIGHTS], self.trainable_names()
-        learnable[ModelLearnableKey.WEIGHTS] = {k: v for k, v in weights.items() if k in trainable}
+        """``learnable`` restricted to the tensors that travel."""
+        weights, exchanged = learnable[ModelLearnableKey.WEIGHTS], self.exchanged_names()
+        learnable[ModelLearnableKey.WEIGHTS] = {k: v for k, v in weights.items() if k in exchanged}
         return learnable
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
@@ -83,25 +119,43 @@ class TrainableModelPersistor(PTFileModelPersistor):
             return learnable
         total = len(learnable[ModelLearnableKey.WEIGHTS])
         learnable = self.exchanged(learnable)
-        self.log_info(fl_ctx, f"global model: {len(learnable[ModelLearnableKey.WEIGHTS])} trainable of {total} tensors are exchanged")
-        if self.source_ckpt_file_full_name:
+        self.log_info(fl_ctx, f"global model: {len(learnable[ModelLearnableKey.WEIGHTS])} exchanged of {total} tensors ({self.norm_statistics} normalisation statistics)")
+        if self.resuming:
             done = (learnable.get(ModelLearnableKey.META) or {}).get(COMPLETED_ROUNDS, 0)
             self.log_info(fl_ctx, f"resuming from {self.source_ckpt_file_full_name}, saved after {done} completed rounds")
-            # This run's global model starts as the resumed one, so it exists even if no round is left to run.
+            self._carry_best_model()
+        if not self._saved_once:
+            # The run's global model exists from the start, so a run that ends in round 0 still has one to evaluate.
             self.save_model_file(self._ckpt_save_path)
+            self._saved_once = True
         return learnable
 
+    def _carry_best_model(self) -> None:
+        earlier = resume_folder(self.resume_from) / BEST_MODEL
+        if earlier.is_file() and not os.path.exists(self._best_ckpt_save_path):
+            shutil.copyfile(earlier, self._best_ckpt_save_path)
+
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
+        self._check_update(ml[ModelLearnableKey.WEIGHTS])
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         if current_round is not None:
             ml[ModelLearnableKey.META] = {**(ml.get(ModelLearnableKey.META) or {}), COMPLETED_ROUNDS: int(current_round) + 1}
         super().save_model(ml, fl_ctx)
+
+    def _check_update(self, weights: dict) -> None:
+        outside = sorted(set(weights) - self.exchanged_names())
+        if outside:
+            raise ValueError(f"refusing to save the global model: {len(outside)} keys outside the exchanged set, e.g. {outside[0]}")
+        for key, value in weights.items():
+            array = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+            if array.is_floating_point() and not bool(torch.isfinite(array).all()):
+                raise ValueError(f"refusing to save the global model: {key} holds non-finite values")
 
     def global_model_path(self) -> str:
         """Where the full global model (``{"model": state_dict, ...}``) is saved each round."""
         return self._ckpt_save_path
 
     def final_model(self, fl_ctx: FLContext) -> ModelLearnable | None:
-        """The last saved global model (trainable part), or None before any round was saved."""
+        """The last saved global model (exchanged part), or None before any was saved."""
         learnable = self.get_model(DefaultCheckpointFileName.GLOBAL_MODEL, fl_ctx)
         return self.exchanged(learnable) if learnable is not None else None

@@ -1,12 +1,23 @@
-"""Server-side record of every client contribution: round, site, metrics, weight, bytes.
+"""Server-side record of every expected client contribution, and of how the run ended.
 
-Written after each contribution to ``<app_server>/round_metrics.csv`` and ``.json``, so a run can
-be judged by what was received and accepted, not by the simulator's exit code (NVFlare can reject
-every update and still exit 0).
+``<app_server>/round_metrics.csv`` and ``.json`` get one row per site and round, whatever
+happened to its update (written after each, atomically):
+
+    accepted    checked and aggregated
+    rejected    refused by :class:`fedfms.fl.update_check.UpdateValidator`; ``reason`` says why
+    failed      the site's task ended in an error (``reason``: NVFlare's return code)
+    timed_out   no answer within the round's task timeout
+    late        an answer that came after its round had ended (not aggregated)
+
+``<app_server>/run_status.json`` says whether FedAvg completed its rounds, ended early (too few
+good updates: ``reason``), or the run was aborted (NVFlare's fatal-error reason), so a run is
+judged by its records, never by the simulator's exit code. A resumed run (``resume_from``: the
+earlier run's server app folder) starts with the earlier rows.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +26,14 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.app_constant import AppConstants
-from nvflare.app_common.app_event_type import AppEventType
-from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.abstract.fl_model import FLModel
 
-from fedfms.io import save_csv, save_json
+from fedfms.io import load_json, save_csv, save_json
+from fedfms.paths import resolve_path
 
-COLUMNS = ("round", "site", "data", "accepted", "num_train_samples", "bytes_received", "global_val_dice", "local_val_dice")
+COLUMNS = ("round", "site", "status", "reason", "data", "accepted", "num_train_samples", "bytes_received", "global_val_dice", "local_val_dice")
+STATUSES = ("accepted", "rejected", "failed", "timed_out", "late")
+RUN_STATUS = "run_status"
 
 
 def payload_bytes(params: dict) -> int:
@@ -35,41 +47,73 @@ def payload_bytes(params: dict) -> int:
     return total
 
 
-class ContributionRecorder(FLComponent):
-    """Appends one row per received client result; ``file_name`` is relative to the server app folder."""
+def _number(value) -> float | None:
+    """A metric as a JSON-safe number (NaN and non-numbers become None)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
-    def __init__(self, file_name: str = "round_metrics") -> None:
+
+class ContributionRecorder(FLComponent):
+    """Writes one row per expected contribution and the run's end state; ``file_name`` is relative to the server app folder.
+
+    Args:
+        file_name: base name of the contribution table.
+        resume_from: the server app folder (or its ``round_metrics.json``) of the run this one resumes.
+    """
+
+    def __init__(self, file_name: str = "round_metrics", resume_from: str | None = None) -> None:
         super().__init__()
         self.file_name = file_name
+        self.resume_from = resume_from
         self.rows: list[dict] = []
         self.folder: Path | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
             self.folder = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT))
-        elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
-            self._record(fl_ctx)
+            if self.resume_from:
+                self._continue(resolve_path(self.resume_from))
+        elif event_type == EventType.FATAL_SYSTEM_ERROR:
+            reason = fl_ctx.get_prop(FLContextKey.EVENT_DATA, "")
+            self.run_status("aborted", str(reason))
 
-    def _record(self, fl_ctx: FLContext) -> None:
-        shareable = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
-        if shareable is None:
-            return
-        model = FLModelUtils.from_shareable(shareable)
-        if not model.params:
-            return  # evaluation-only answers (final test) carry no parameters
-        metrics, meta = model.metrics or {}, model.meta or {}
+    def record(self, fl_ctx: FLContext, round_: int, site: str, status: str, reason: str | None = None, update: FLModel | None = None) -> dict:
+        """Append the row of ``site``'s contribution to ``round_`` and rewrite the tables."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown contribution status {status!r}; expected one of {', '.join(STATUSES)}")
+        metrics, meta = (update.metrics or {}, update.meta or {}) if update is not None else ({}, {})
         row = {
-            "round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
-            "site": _client_name(fl_ctx, meta),
+            "round": round_,
+            "site": site,
+            "status": status,
+            "reason": reason,
             "data": meta.get("datalist"),
-            "accepted": bool(fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED)),
-            "num_train_samples": meta.get("num_train_samples"),
-            "bytes_received": payload_bytes(model.params),
-            "global_val_dice": metrics.get("val_mean_dice"),  # the received global model, scored before training
-            "local_val_dice": meta.get("local_val_dice"),
+            "accepted": status == "accepted",
+            "num_train_samples": _number(meta.get("num_train_samples")),
+            "bytes_received": payload_bytes(update.params) if update is not None else 0,
+            "global_val_dice": _number(metrics.get("val_mean_dice")),  # the received global model, scored before training
+            "local_val_dice": _number(meta.get("local_val_dice")),
         }
         self.rows.append(row)
-        self.log_info(fl_ctx, f"round {row['round']} {row['site']}: accepted={row['accepted']}, {row['bytes_received']:,} bytes")
+        detail = f", {row['bytes_received']:,} bytes" + (f": {reason}" if reason else "")
+        log = self.log_info if status == "accepted" else self.log_warning
+        log(fl_ctx, f"round {round_} {site}: accepted={row['accepted']}, status={status}{detail}")
+        self._write()
+        return row
+
+    def run_status(self, status: str, reason: str = "", **facts) -> None:
+        """Write how the run ended: ``completed``, ``ended_early`` or ``aborted``, and why."""
+        if self.folder is not None:
+            save_json(self.folder / f"{RUN_STATUS}.json", {"status": status, "reason": reason, **facts})
+
+    def _continue(self, resumed: Path) -> None:
+        path = resumed if resumed.suffix == ".json" else resumed / f"{self.file_name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no contribution records to continue from (resume_from)")
+        self.rows = list(load_json(path))
         self._write()
 
     def _write(self) -> None:
@@ -77,8 +121,3 @@ class ContributionRecorder(FLComponent):
             return
         save_json(self.folder / f"{self.file_name}.json", self.rows)
         save_csv(self.folder / f"{self.file_name}.csv", self.rows, COLUMNS)
-
-
-def _client_name(fl_ctx: FLContext, meta: dict) -> str | None:
-    peer = fl_ctx.get_peer_context()
-    return peer.get_identity_name() if peer else meta.get("client_name")

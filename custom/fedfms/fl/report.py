@@ -1,7 +1,9 @@
 """``fedfms report WS``: the tables a federated run wrote, and Dice per round per site as a PNG.
 
-Tables: how the initial global model was made (FM-instructed-init jobs), the global model's
-validation Dice per round and site with the contributions and bytes, and the final test scores.
+Tables: how the initial global model was made (FM-instructed-init jobs), how the run ended, the
+global model's validation Dice per round and site, every contribution that was not accepted and
+why, the bytes exchanged, and the final test scores. A run without final test scores is
+reported as incomplete (:class:`IncompleteRun`, a non-zero exit of ``fedfms report``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from fedfms.io import atomic_write, load_json
 
 SERVER_APP = Path("server", "simulate_job", "app_server")
 PRESTAGE = "prestage.json"  # written by fedfms.fl.fminit.FMInstructedInit
+RUN_STATUS = "run_status.json"  # written by fedfms.fl.recorder.ContributionRecorder
+FINAL_TEST = "final_test.json"
+STATUS_ORDER = ("accepted", "rejected", "failed", "timed_out", "late")
+
+
+class IncompleteRun(Exception):
+    """The run has no final test table; the message is the report written so far."""
 
 
 def server_app_dir(workspace: str | os.PathLike) -> Path:
@@ -38,8 +47,11 @@ def round_table(rows: list[dict]) -> str:
         by_round[r["round"]][r["site"]] = r["global_val_dice"]
     lines = ["global model validation Dice (scored at each site before local training)", "round  " + "".join(f"{s:>12}" for s in sites)]
     lines += [f"{rnd:<7}" + "".join(f"{_fmt(dice.get(s)):>12}" for s in sites) for rnd, dice in sorted(by_round.items())]
-    rejected = [r for r in rows if not r["accepted"]]
-    lines.append(f"contributions: {len(rows)} received, {len(rejected)} rejected")
+    counts = defaultdict(int)
+    for r in rows:
+        counts[_status(r)] += 1
+    lines.append(f"contributions: {len(rows)} expected: " + ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in STATUS_ORDER))
+    lines += [f"  round {r['round']} {r['site']}: {_status(r).replace('_', ' ')}: {r.get('reason')}" for r in rows if _status(r) != "accepted"]
     sent = defaultdict(list)
     for r in rows:
         sent[r["site"]].append(r["bytes_received"])
@@ -48,12 +60,28 @@ def round_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _status(row: dict) -> str:
+    """A row's status (records written before statuses existed only say whether it was accepted)."""
+    return row.get("status") or ("accepted" if row["accepted"] else "rejected")
+
+
+def run_status_line(folder: Path) -> str:
+    """How the run ended, from ``run_status.json``; a run without one stopped before FedAvg could say."""
+    if not (folder / RUN_STATUS).is_file():
+        return "run: no run_status.json: the server stopped before FedAvg ended (see the server log)"
+    status = load_json(folder / RUN_STATUS)
+    words = {"completed": "completed", "ended_early": "ENDED EARLY", "aborted": "ABORTED"}
+    return f"run {words.get(status['status'], status['status'])}: {status.get('reason') or ''}".rstrip(": ")
+
+
 def final_table(rows: list[dict]) -> str:
     title = "final global model on each site's test split"
     if any(str(r["site"]).startswith("unseen:") for r in rows):
         title += " (unseen: the site left out of training, not in the average)"
     lines = [title, f"{'site':<16}{'dice_2d':>10}{'iou_2d':>10}{'dice_3d':>10}"]
-    lines += [f"{str(r['site']):<16}{_fmt(r.get('dice_2d')):>10}{_fmt(r.get('iou_2d')):>10}{_fmt(r.get('dice_3d')):>10}" for r in rows]
+    for r in rows:
+        note = f"  {r['note']}" if r.get("note") else ""
+        lines.append(f"{str(r['site']):<16}{_fmt(r.get('dice_2d')):>10}{_fmt(r.get('iou_2d')):>10}{_fmt(r.get('dice_3d')):>10}{note}")
     return "\n".join(lines)
 
 
@@ -98,14 +126,21 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
 
 
 def report(workspace: str | os.PathLike, png: str | os.PathLike | None = None) -> str:
-    """The report text; also writes the Dice plot (default ``<server app>/dice_per_round.png``)."""
+    """The report text; also writes the Dice plot (default ``<server app>/dice_per_round.png``).
+
+    Raises:
+        IncompleteRun: there is no final test table; its message is the report without it.
+    """
     folder = server_app_dir(workspace)
     rounds = load_json(folder / "round_metrics.json")
     text = [prestage_table(load_json(folder / PRESTAGE))] if (folder / PRESTAGE).is_file() else []
+    text.append(run_status_line(folder))
     text.append(round_table(rounds))
-    if (folder / "final_test.json").is_file():
-        text.append(final_table(load_json(folder / "final_test.json")))
     png = Path(png) if png else folder / "dice_per_round.png"
     plot_rounds(rounds, png)
+    if not (folder / FINAL_TEST).is_file():
+        text.append(f"no final test scores ({folder / FINAL_TEST}): the run did not reach its final evaluation")
+        raise IncompleteRun("\n\n".join(text))
+    text.append(final_table(load_json(folder / FINAL_TEST)))
     text.append(f"plot: {png}")
     return "\n\n".join(text)

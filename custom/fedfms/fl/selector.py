@@ -1,0 +1,46 @@
+"""Best-model selection that a resumed run continues instead of starting afresh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+
+from fedfms.fl.persistor import resume_folder
+from fedfms.io import load_json, save_json
+
+BEST = "best_model.json"
+
+
+class ResumableModelSelector(IntimeModelSelector):
+    """NVFlare's ``IntimeModelSelector`` that writes its best score to ``best_model.json`` and can start from it.
+
+    The selector keeps the best validation score in memory only, so a restarted server would take
+    the first resumed round's model as the best even when an earlier one scored higher. With
+    ``resume_from`` (the earlier run's server app folder, or its ``FL_global_model.pt``) it starts
+    from the earlier best score; the persistor carries the earlier best model along.
+    """
+
+    def __init__(self, *args, resume_from: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_from = resume_from
+        self.folder: Path | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.START_RUN:
+            self.folder = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT))
+            if self.resume_from and (resume_folder(self.resume_from) / BEST).is_file():
+                earlier = load_json(resume_folder(self.resume_from) / BEST)
+                self.best_val_metric = earlier["metric"]
+                self.log_info(fl_ctx, f"best global model so far: round {earlier['round']}, {self.key_metric} {earlier['metric']:.4f}")
+
+    def _before_aggregate(self, fl_ctx: FLContext) -> None:
+        best = self.best_val_metric
+        super()._before_aggregate(fl_ctx)
+        if self.best_val_metric != best and self.folder is not None:
+            save_json(self.folder / BEST, {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND), "metric": float(self.best_val_metric)})

@@ -1,0 +1,60 @@
+"""The update checks, one reason each, without a simulator (the fault drills run them for real)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.app_common.abstract.fl_model import FLModel
+
+from fedfms.fl.update_check import UpdateValidator
+
+GLOBAL = {"a.weight": np.zeros((2, 3), np.float32), "b.bias": np.zeros(3, np.float32)}
+MODEL_KEYS = [*GLOBAL, "frozen.weight"]
+
+
+def _validator(**options) -> UpdateValidator:
+    validator = UpdateValidator(**options)
+    validator.expect(GLOBAL, MODEL_KEYS)
+    return validator
+
+
+def _update(weight=10, **changes) -> FLModel:
+    params = {k: torch.ones(v.shape) for k, v in GLOBAL.items()}
+    params.update(changes)
+    return FLModel(params={k: v for k, v in params.items() if v is not None}, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: weight})
+
+
+@pytest.mark.parametrize("update, reason", [
+    (_update(), None),
+    (_update(**{"frozen.weight": torch.ones(1)}), "key frozen.weight is frozen"),
+    (_update(**{"x.weight": torch.ones(1)}), "unknown key x.weight"),
+    (_update(**{"b.bias": None}), "1 exchanged keys missing, e.g. b.bias"),
+    (_update(**{"a.weight": torch.ones(3, 2)}), "key a.weight: shape (3, 2), the global model's is (2, 3)"),
+    (_update(**{"b.bias": torch.ones(3, dtype=torch.float64)}), "key b.bias: dtype torch.float64"),
+    (_update(**{"b.bias": torch.tensor([1.0, math.inf, math.nan])}), "key b.bias: 2 non-finite values"),
+    (_update(weight=0), "sample count 0 is not a finite positive number"),
+    (_update(weight=-5), "sample count -5 is not a finite positive number"),
+    (_update(weight=math.nan), "sample count nan is not a finite positive number"),
+    (_update(weight="10"), "sample count '10' is not a number"),
+    (_update(weight=1e12), "sample count 1e+12 is above the bound 1e+07"),
+])
+def test_each_bad_update_gets_its_reason(update, reason):
+    found = _validator().check("site-1", update)
+    assert found == reason if reason is None else reason in found
+
+
+def test_a_site_cannot_claim_more_samples_than_it_first_reported():
+    validator = _validator()
+    first = _update(weight=10)
+    assert validator.check("site-1", first) is None
+    validator.remember("site-1", first)
+    assert validator.check("site-1", _update(weight=10)) is None and validator.check("site-2", _update(weight=50)) is None
+    assert "above the 10 the site reported in its first update" in validator.check("site-1", _update(weight=11))
+
+
+def test_keys_the_sites_privacy_filter_excludes_may_be_absent():
+    validator = _validator(excluded_vars=r"^b\.")
+    assert validator.check("site-1", _update(**{"b.bias": None})) is None
+    assert "missing" in _validator(excluded_vars=r"^b\.").check("site-1", _update(**{"a.weight": None}))
