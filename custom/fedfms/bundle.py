@@ -1,7 +1,7 @@
 """Components the MONAI bundles in ``bundles/`` reference by dotted path.
 
-All five bundles run the same configs (``bundles/common/configs``); what makes a bundle a method
-is its ``configs/method.json``: model, strategy, sizes, loss and optimiser settings. These
+All bundles run the same configs (rendered from the package's ``bundle_templates`` by
+:mod:`fedfms.bundle_files`); what makes a bundle a method is its ``configs/method.json``: model, strategy, sizes, loss and optimiser settings. These
 functions read it, find the prepared data, build the network and loss, and batch N-slice stacks.
 """
 
@@ -29,6 +29,12 @@ from fedfms.paths import resolve_path
 
 SCRATCH = ("scratch", "none")  # explicit values for "no pretrained weights" (the papers' -PT ablation)
 REQUIRED = "REQUIRED"
+COMPLETE_CONFIGS = ("train.json", "evaluate.json", "inference.json")  # each runs on its own
+# Preparation options a bundle cannot correct on load (sizes it can: its transforms resize).
+CHECKED_PREPARATION = (
+    "axcodes", "lower_percentile", "upper_percentile", "zscore", "num_slices",
+    "all_label_slices", "multi_class", "num_classes", "keep_empty",
+)
 
 
 def read_method(bundle_root: str | os.PathLike) -> dict:
@@ -36,15 +42,25 @@ def read_method(bundle_root: str | os.PathLike) -> dict:
     return load_json(Path(bundle_root) / "configs" / "method.json")
 
 
-def load_datalist(dataset_dir: str | os.PathLike, split: str, sites: str | Sequence[str] | None = None, datalist_dir: str = "datalists") -> list[dict]:
+def load_datalist(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    sites: str | Sequence[str] | None = None,
+    datalist_dir: str = "datalists",
+    preprocessing: dict | None = None,
+) -> list[dict]:
     """Samples of ``split`` from the per-site datalists under ``dataset_dir/datalist_dir``.
 
     ``sites=None`` pools every site (the centralized baseline); one or more site names give the
     local ("standalone") baseline. Partition folders (``datalist_dir="partitions/natural"``) work too.
+    With ``preprocessing`` (the bundle's ``preprocessing_3d#options``) the data must have been
+    prepared by the same chain (:func:`check_preparation`).
     """
     folder = Path(dataset_dir) / datalist_dir
     if not folder.is_dir():
         raise DataError(folder, "no prepared datalists here; run `make demo`, or `fedfms prepare` then point dataset_dir at its output")
+    if preprocessing is not None:
+        check_preparation(dataset_dir, preprocessing)
     available = sorted(p.stem for p in folder.glob("*.json") if p.stem != SUMMARY)
     # Pooling takes the sites' (or clients') lists only: never the server proxy or the unseen site.
     wanted = client_datalists(folder) if sites is None else [sites] if isinstance(sites, str) else list(sites)
@@ -71,12 +87,41 @@ def _split_samples(path: Path, split: str) -> list[dict]:
     return samples
 
 
+def check_preparation(dataset_dir: str | os.PathLike, preprocessing: dict) -> None:
+    """Refuse data whose ``prepare.json`` records a chain that differs from the bundle's in an option sizes cannot fix.
+
+    Image and label sizes are storage sizes (the bundle resizes every sample on load), so they may
+    differ; intensity, orientation, stacking and label options may not.
+    """
+    record = Path(dataset_dir) / "prepare.json"
+    if not record.is_file():
+        raise DataError(record, "missing: the data was not prepared by `fedfms prepare`, so its preprocessing cannot be checked")
+    prepared = load_json(record).get("options", {})
+    for option in CHECKED_PREPARATION:
+        if option in preprocessing and prepared.get(option) != preprocessing[option]:
+            raise DataError(
+                record,
+                f"data prepared with {option}={prepared.get(option)!r} but the bundle's preprocessing_3d expects "
+                f"{preprocessing[option]!r}; prepare it again with `fedfms prepare --bundle BUNDLE` (or override "
+                f"preprocessing_3d#options#{option})",
+            )
+
+
 def check_datalist(path: str | os.PathLike, splits: Sequence[str]) -> None:
     """Fail before any work when a datalist lacks samples in ``splits`` or names files that do not exist."""
     path = Path(path)
     for split in splits:
         if not _split_samples(path, split):
             raise DataError(path, f"has no {split!r} samples (were its cases skipped by `fedfms prepare --on-error skip`?)")
+
+
+def profiles(config_files: Sequence[str]) -> list[str]:
+    """The override files among ``config_files`` (e.g. ``cpu_demo.json``), without the complete configs.
+
+    ``train.json``, ``evaluate.json`` and ``inference.json`` each define everything they use, so a
+    profile must come after the one it modifies; callers put the complete config first.
+    """
+    return [name for name in config_files if name not in COMPLETE_CONFIGS]
 
 
 def bundle_parser(bundle_root: str | os.PathLike, config_files: Sequence[str] = ("train.json",), **overrides) -> ConfigParser:
@@ -125,7 +170,7 @@ def evaluate_checkpoint(bundle_root: str | os.PathLike, config_files: Sequence[s
     The full tables go to ``eval_dir`` (:class:`fedfms.evaluation.SegmentationReport`); the
     returned dict holds the mean 2D Dice, 2D IoU and 3D Dice.
     """
-    workflow = bundle_workflow(bundle_root, [*config_files, "evaluate.json"], "infer", checkpoint=str(checkpoint), eval_dir=str(eval_dir), **overrides)
+    workflow = bundle_workflow(bundle_root, ["evaluate.json", *profiles(config_files)], "infer", checkpoint=str(checkpoint), eval_dir=str(eval_dir), **overrides)
     try:
         workflow.run()
         metrics = workflow.evaluator.state.metrics

@@ -30,10 +30,17 @@ def _synth_prostate(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from fedfms.data.prepare import PrepareOptions, prepare
+    from fedfms.data.prepare import PrepareOptions, bundle_preparation, prepare
 
     names = {f.name for f in fields(PrepareOptions)}
-    options = PrepareOptions(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.bundle:
+        bundle = bundle_preparation(args.bundle)
+        overrides = sorted(k for k in given if k in bundle and given[k] != bundle[k])
+        options = PrepareOptions(**{**bundle, **given, "overrides": overrides})
+        print(f"preprocessing_3d of {args.bundle}" + (f", overridden: {', '.join(f'{k}={given[k]}' for k in overrides)}" if overrides else ""))
+    else:
+        options = PrepareOptions(**given)
     result = prepare(args.src, args.out, options)
     total = sum(len(c["samples"]) for c in result.cases)
     print(
@@ -132,17 +139,19 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--src", required=True, help="raw data folder")
     p.add_argument("--layout", choices=("saml", "fedfms", "msd"), default="saml")
     p.add_argument("--out", required=True, help="prepared data folder")
-    p.add_argument("--lower-percentile", type=float, default=0.0, help="lower clip percentile; 0 = volume minimum (FedFMS)")
-    p.add_argument("--upper-percentile", type=float, default=99.0, help="upper clip percentile (FedFMS 99, nnU-Net 99.5)")
-    p.add_argument("--zscore", action="store_true", help="z-score with per-site statistics of training volumes")
-    p.add_argument("--num-slices", type=int, default=1, help="stack size N, odd (FedFMS 1, FLAP-SAM 5)")
-    p.add_argument("--all-label-slices", action="store_true", help="keep the labels of all N slices, not only the centre")
-    p.add_argument("--image-size", type=int, default=1024)
-    p.add_argument("--label-size", type=int, default=256, help="label size (FedFMS: 256 with 1024 images)")
-    p.add_argument("--multi-class", action="store_true", help="keep label values instead of merging them to foreground")
+    # Chain options default to None: the bundle's value with --bundle, else PrepareOptions' default.
+    p.add_argument("--bundle", help="a bundle folder: run its preprocessing_3d chain with its options (flags below override them)")
+    p.add_argument("--lower-percentile", type=float, help="lower clip percentile; 0 = volume minimum (FedFMS, default)")
+    p.add_argument("--upper-percentile", type=float, help="upper clip percentile (FedFMS 99, default; nnU-Net 99.5)")
+    p.add_argument("--zscore", action="store_true", default=None, help="z-score with per-site statistics of training volumes")
+    p.add_argument("--num-slices", type=int, help="stack size N, odd (FedFMS 1, default; FLAP-SAM 5)")
+    p.add_argument("--all-label-slices", action="store_true", default=None, help="keep the labels of all N slices, not only the centre")
+    p.add_argument("--image-size", type=int, help="image size (default 1024)")
+    p.add_argument("--label-size", type=int, help="label size (default 256: FedFMS with 1024 images)")
+    p.add_argument("--multi-class", action="store_true", default=None, help="keep label values instead of merging them to foreground")
     p.add_argument("--num-classes", type=int, help="number of classes with --multi-class (values 0..C-1)")
-    p.add_argument("--drop-empty", dest="keep_empty", action="store_false", help="drop slices without foreground")
-    p.add_argument("--axcodes", default="RAS", help="orientation before slicing along the last axis")
+    p.add_argument("--drop-empty", dest="keep_empty", action="store_false", default=None, help="drop slices without foreground")
+    p.add_argument("--axcodes", help="orientation before slicing along the last axis (default RAS)")
     p.add_argument("--image-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)

@@ -18,13 +18,13 @@ def _data_dir(tiny_data, bundle):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+def trained(standalone, tiny_data, tmp_path_factory):
     """Each bundle's cpu_demo training, run once: {bundle: (completed process, output folder)}."""
     runs = {}
     for bundle in NAMES:
         out = tmp_path_factory.mktemp(bundle)
         result = run_bundle(
-            bundle, "cpu_demo.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle), output_dir=out / "models",
+            standalone, bundle, "cpu_demo.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle), output_dir=out / "models",
             log_dir=out / "logs", max_epochs=4, batch_size=4,
         )
         runs[bundle] = (result, out)
@@ -47,10 +47,10 @@ def test_cpu_demo_training_lowers_the_loss_and_keeps_checkpoints(trained, bundle
 
 @pytest.mark.parametrize("bundle", ["fedsam_prostate", "flapsam_prostate"])
 @pytest.mark.slow
-def test_evaluation_writes_site_tables(trained, tiny_data, bundle):
+def test_evaluation_writes_site_tables(standalone, trained, tiny_data, bundle):
     _, out = trained[bundle]
     result = run_bundle(
-        bundle, "cpu_demo.json", "evaluate.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle),
+        standalone, bundle, "cpu_demo.json", "evaluate.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle),
         output_dir=out / "models", eval_dir=out / "eval",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,11 +62,11 @@ def test_evaluation_writes_site_tables(trained, tiny_data, bundle):
 
 
 @pytest.mark.slow
-def test_inference_keeps_the_input_geometry(trained, tiny_data, tmp_path):
+def test_inference_keeps_the_input_geometry(standalone, trained, tiny_data, tmp_path):
     """BMC volumes are LPS-oriented: the prediction must come back in that affine and size."""
     _, out = trained["fedmsa_prostate"]
     result = run_bundle(
-        "fedmsa_prostate", "cpu_demo.json", "inference.json", cwd=tmp_path, output_dir=out / "models",
+        standalone, "fedmsa_prostate", "cpu_demo.json", "inference.json", cwd=tmp_path, output_dir=out / "models",
         input_dir=tiny_data / "raw" / "BMC", prediction_dir=tmp_path / "pred",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,12 +80,12 @@ def test_inference_keeps_the_input_geometry(trained, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_inference_rejects_a_2d_image(trained, tmp_path):
+def test_inference_rejects_a_2d_image(standalone, trained, tmp_path):
     _, out = trained["unet_prostate"]
     flat = tmp_path / "in" / "flat.nii.gz"
     flat.parent.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((16, 16), np.float32), np.eye(4)), flat)
-    result = run_bundle("unet_prostate", "cpu_demo.json", "inference.json", cwd=tmp_path, output_dir=out / "models", input_dir=flat.parent)
+    result = run_bundle(standalone, "unet_prostate", "cpu_demo.json", "inference.json", cwd=tmp_path, output_dir=out / "models", input_dir=flat.parent)
     assert result.returncode != 0 and f"{flat}: is 2D" in result.stderr
 
 
@@ -102,28 +102,28 @@ def test_local_baseline_uses_one_site(tiny_data):
 
 
 @pytest.mark.slow
-def test_paper_profile_requires_a_checkpoint(tiny_data, tmp_path):
-    result = run_bundle("fedsam_prostate", cwd=tmp_path, dataset_dir=tiny_data / "data", output_dir=tmp_path / "m", max_epochs=1)
+def test_paper_profile_requires_a_checkpoint(standalone, tiny_data, tmp_path):
+    result = run_bundle(standalone, "fedsam_prostate", cwd=tmp_path, dataset_dir=tiny_data / "data", output_dir=tmp_path / "m", max_epochs=1)
     assert result.returncode != 0 and "pretrained_checkpoint is required" in result.stderr
     missing = tmp_path / "sam_vit_b.pth"
-    result = run_bundle("fedsam_prostate", cwd=tmp_path, dataset_dir=tiny_data / "data", pretrained_checkpoint=missing, max_epochs=1)
+    result = run_bundle(standalone, "fedsam_prostate", cwd=tmp_path, dataset_dir=tiny_data / "data", pretrained_checkpoint=missing, max_epochs=1)
     assert result.returncode != 0 and f"{missing}: pretrained checkpoint not found" in result.stderr
 
 
 @pytest.mark.slow
-def test_missing_data_says_where_it_looked(tmp_path):
-    result = run_bundle("unet_prostate", "cpu_demo.json", cwd=tmp_path, dataset_dir=tmp_path / "nothing", output_dir=tmp_path / "m")
+def test_missing_data_says_where_it_looked(standalone, tmp_path):
+    result = run_bundle(standalone, "unet_prostate", "cpu_demo.json", cwd=tmp_path, dataset_dir=tmp_path / "nothing", output_dir=tmp_path / "m")
     assert result.returncode != 0 and f"{tmp_path / 'nothing' / 'datalists'}: no prepared datalists here" in result.stderr
 
 
 @pytest.mark.slow
-def test_a_datalist_naming_a_missing_file_stops_before_training(tiny_data, tmp_path):
+def test_a_datalist_naming_a_missing_file_stops_before_training(standalone, tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data / "data", data)
     entry = json.loads((data / "datalists" / "RUNMC.json").read_text())["training"][3]
     missing = (data / "datalists" / entry["image"]).resolve()
     missing.unlink()
-    result = run_bundle("unet_prostate", "cpu_demo.json", cwd=tmp_path, dataset_dir=data, output_dir=tmp_path / "m")
+    result = run_bundle(standalone, "unet_prostate", "cpu_demo.json", cwd=tmp_path, dataset_dir=data, output_dir=tmp_path / "m")
     assert result.returncode != 0 and f"{missing}: listed in {data / 'datalists' / 'RUNMC.json'} (training) but missing" in result.stderr
     assert "train_loss" not in result.stdout + result.stderr  # no epoch started
 
@@ -133,7 +133,7 @@ def test_a_datalist_naming_a_missing_file_stops_before_training(tiny_data, tmp_p
 def test_monai_properties_are_complete(tiny_data, bundle, workflow, extra):
     """check_properties instantiates the required components, so it runs on the CPU profile and tiny data."""
     configs = BUNDLES / bundle / "configs"
-    files = [str(configs / "train.json"), str(configs / "cpu_demo.json"), *(str(configs / e) for e in extra)]
+    files = [str(configs / (extra[0] if extra else "train.json")), str(configs / "cpu_demo.json")]  # each complete config alone
     wf = ConfigWorkflow(
         config_file=files, meta_file=str(configs / "metadata.json"), workflow_type=workflow, bundle_root=str(BUNDLES / bundle),
         logging_file=False, dataset_dir=str(_data_dir(tiny_data, bundle)), input_dir=str(tiny_data / "raw" / "RUNMC"),
@@ -144,13 +144,13 @@ def test_monai_properties_are_complete(tiny_data, bundle, workflow, extra):
 
 @pytest.mark.parametrize("bundle", NAMES)
 @pytest.mark.slow
-def test_verify_net_in_out(bundle):
+def test_verify_net_in_out_through_inference_json_alone(standalone, tmp_path, bundle):
     args = [
         sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
-        "--meta_file", str(BUNDLES / bundle / "configs" / "metadata.json"),
-        "--config_file", config_files(bundle, "cpu_demo.json"), "--bundle_root", str(BUNDLES / bundle), "--n", "4",
+        "--meta_file", str(standalone / bundle / "configs" / "metadata.json"),
+        "--config_file", config_files(standalone, bundle, "inference.json", "cpu_demo.json"), "--bundle_root", str(standalone / bundle), "--n", "4",
     ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
 
 

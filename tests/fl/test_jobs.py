@@ -13,6 +13,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 
 from fedfms.bundle import bundle_network, evaluate_checkpoint
 from fedfms.cli import main
+from fedfms.errors import DataError
 from fedfms.fl.exchange import exchanged_keys
 from fedfms.fl.learner import site_datalist
 from tests.fl.conftest import APP, job_copy, simulate
@@ -190,9 +191,14 @@ def test_leave_one_site_out_job_tests_the_unseen_site(fl_data, tmp_path):
     assert len(evaluated) == len(unseen_cases) and all(row.startswith("RUNMC,") for row in evaluated)
 
 
-def test_job_without_data_stops_and_says_where_it_looked(tmp_path):
+def test_job_without_data_stops_and_says_where_it_looked(fl_data, tmp_path):
     (tmp_path / "no_data").mkdir()  # a data folder without the job's partition
-    job_dir = job_copy("fedmsa_prostate", tmp_path, tmp_path / "no_data", rounds=1)
+    with pytest.raises(DataError, match="holds no partition"):  # `fedfms job` refuses it at once ...
+        job_copy("fedmsa_prostate", tmp_path, tmp_path / "no_data", rounds=1)
+    # ... and a job edited by hand to point there stops at the sites, saying where they looked.
+    job_dir = job_copy("fedmsa_prostate", tmp_path, fl_data / "data", rounds=1)
+    config = job_dir / "app/config/config_fed_client.json"
+    config.write_text(config.read_text().replace(str(fl_data / "data"), str(tmp_path / "no_data")))
     log = simulate(job_dir, tmp_path / "ws", 2, expect_success=False)
     assert f"{tmp_path / 'no_data' / 'partitions' / 'natural'}: no such partition folder; make the demo data with `make demo`" in log
     status = json.loads((tmp_path / "ws" / APP / "run_status.json").read_text())

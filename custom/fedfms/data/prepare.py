@@ -3,7 +3,10 @@
 Each volume goes through one chain of MONAI dictionary transforms (:func:`volume_transform`, then
 :func:`slice_transform`): channel-first, orientation, percentile clipping and rescaling to [0, 1],
 optional per-site z-score, masks merged to foreground, in-plane resize of all slices in one call,
-and slicing into N-slice stacks. Every sample is saved as ``.npy``:
+and slicing into N-slice stacks. Apart from channel-first (which depends on the file layout) and
+the z-score (which needs the site's statistics), the chain is the ``preprocessing_3d`` section of
+a bundle's config: ``fedfms prepare --bundle B`` runs that bundle's, flags alone run the shared
+source every bundle is rendered from (:mod:`fedfms.bundle_files`). Every sample is saved as ``.npy``:
 
     DATA/images/<site>/<case>_<slice>.npy   float (N, S, S)
     DATA/labels/<site>/<case>_<slice>.npy   uint8 (1 or N, L, L)
@@ -36,15 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    NormalizeIntensityd,
-    Orientationd,
-    Resized,
-    ScaleIntensityRangePercentilesd,
-    ThresholdIntensityd,
-)
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, EnsureChannelFirstd, NormalizeIntensityd
 
 import fedfms
 from fedfms.data.clinical import clinical_table_path, read_clinical
@@ -52,11 +48,17 @@ from fedfms.data.layouts import CaseRecord, find_cases
 from fedfms.data.validation import check_case
 from fedfms.errors import DataError
 from fedfms.io import load_json, load_volume, save_json, save_npy
-from fedfms.transforms import DepthToChanneld, SelectChanneld, SliceStacksd
+from fedfms.paths import resolve_path
+from fedfms.transforms import SelectChanneld, SliceStacksd
 
 SPLITS = ("training", "validation", "testing")
 WRITER_THREADS = 4
 VOLUME_ATTRIBUTES = ("shape", "spacing_mm", "num_slices", "gland_volume_ml")  # see _case_attributes
+SECTION = "preprocessing_3d"  # the bundle config section that defines the chain
+SECTION_OPTIONS = (  # its options: the PrepareOptions fields a bundle sets
+    "axcodes", "lower_percentile", "upper_percentile", "zscore", "num_slices", "all_label_slices",
+    "image_size", "label_size", "multi_class", "num_classes", "keep_empty",
+)
 
 
 @dataclass
@@ -87,6 +89,8 @@ class PrepareOptions:
     msd_site: str = "MSD"
     msd_channel: int = 0
     on_error: str = "stop"  # or "skip"
+    bundle: str | None = None  # the bundle whose preprocessing_3d section defines the chain; None: the shared source
+    overrides: list[str] = field(default_factory=list)  # options given as flags over the bundle's
 
     def __post_init__(self) -> None:
         if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
@@ -109,7 +113,7 @@ class PrepareOptions:
 
     def content_options(self) -> dict:
         """The options that change the samples written for a case (not the split)."""
-        skip = {"val_fraction", "test_fraction", "seed", "sites", "on_error", "msd_site"}
+        skip = {"val_fraction", "test_fraction", "seed", "sites", "on_error", "msd_site", "bundle", "overrides"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -148,46 +152,47 @@ class PrepareResult:
     skipped: list[dict] = field(default_factory=list)
 
 
+def preprocessing_section(options: PrepareOptions, part: str) -> list:
+    """``part`` (``volume`` or ``slices``) of the ``preprocessing_3d`` config section, built with ``options``.
+
+    The section is the one definition of the chain: the bundle's own (``options.bundle``) or, for
+    flag-only runs, the package's shared bundle source that every bundle is rendered from.
+    """
+    from fedfms.bundle_files import SHARED, TEMPLATES  # noqa: PLC0415 (the bundle side imports this module's users)
+
+    config = resolve_path(options.bundle) / "configs" / "train.json" if options.bundle else TEMPLATES / SHARED
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser[f"{SECTION}#options"] = {name: getattr(options, name) for name in SECTION_OPTIONS}
+    return parser.get_parsed_content(f"{SECTION}#{part}")
+
+
+def bundle_preparation(bundle: str | os.PathLike) -> dict:
+    """The options of a bundle's ``preprocessing_3d`` section, as :class:`PrepareOptions` fields."""
+    parser = ConfigParser()
+    parser.read_config(str(resolve_path(bundle) / "configs" / "train.json"))
+    parser["bundle_root"] = str(resolve_path(bundle))
+    return {name: parser.get_parsed_content(f"{SECTION}#options#{name}") for name in SECTION_OPTIONS}
+
+
 def volume_transform(options: PrepareOptions, channel: int | None = None) -> Compose:
-    """Load-time chain on whole volumes: channel first, reorient, clip and rescale, merge mask labels."""
+    """Load-time chain on whole volumes: channel first (by file layout), then the section's reorient, clip and rescale, label merge."""
     transforms = [EnsureChannelFirstd("label", channel_dim="no_channel")]
     if channel is None:
         transforms.append(EnsureChannelFirstd("image", channel_dim="no_channel"))
     else:  # a multi-channel image: the reader's metadata says where its channels are
         transforms += [EnsureChannelFirstd("image"), SelectChanneld("image", channel)]
-    transforms += [
-        Orientationd(["image", "label"], axcodes=options.axcodes, labels=None),
-        ScaleIntensityRangePercentilesd(
-            "image", options.lower_percentile, options.upper_percentile, b_min=0.0, b_max=1.0, clip=True
-        ),
-    ]
-    if not options.multi_class:  # masks > 1 (zones, 255) become 1
-        transforms.append(ThresholdIntensityd("label", threshold=1, above=False, cval=1))
-    return Compose(transforms)
+    return Compose(transforms + preprocessing_section(options, "volume"))
 
 
 def slice_transform(options: PrepareOptions, stats: SiteStats | None = None) -> Compose:
-    """Per-volume chain from clipped volume to samples: z-score, resize every slice at once, stack."""
+    """Per-volume chain from clipped volume to samples: z-score (per site), then the section's resize and stacking."""
     transforms = []
     if options.zscore:
         if stats is None:
             raise ValueError("z-score normalisation needs the site's statistics")
         transforms.append(NormalizeIntensityd("image", subtrahend=stats.mean, divisor=stats.std))
-    size = options.image_size
-    label_size = options.label_spatial_size
-    transforms += [
-        DepthToChanneld(["image", "label"]),
-        Resized("image", spatial_size=(size, size), mode="bilinear"),
-        Resized("label", spatial_size=(label_size, label_size), mode="nearest"),
-        SliceStacksd(
-            ["image", "label"],
-            num_slices=options.num_slices,
-            label_key="label",
-            all_label_slices=options.all_label_slices,
-            keep_empty=options.keep_empty,
-        ),
-    ]
-    return Compose(transforms)
+    return Compose(transforms + preprocessing_section(options, "slices"))
 
 
 def split_cases(records: Sequence[CaseRecord], options: PrepareOptions) -> dict[tuple[str, str], str]:

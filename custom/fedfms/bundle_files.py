@@ -1,0 +1,109 @@
+"""The generated files of every bundle: configs, LICENSE and docs, rendered from one shared source.
+
+Each bundle in ``bundles/`` must stand alone (copied anywhere, run with nothing beside it) in
+MONAI model-zoo shape, yet all bundles share their configs. The shared text lives once, in the
+package (``fedfms/bundle_templates``); what makes a bundle a method lives in the bundle itself
+(``configs/method.json``, ``configs/metadata.json``, ``docs/overview.md``). ``fedfms bundles``
+renders the rest into each bundle as plain files:
+
+- ``configs/train.json``, ``evaluate.json``, ``inference.json``: the shared definitions
+  (``common.json``: method settings, network, data, preprocessing) followed by that config's own
+  section, so each is complete on its own and any two still merge (the shared keys are equal);
+- ``configs/cpu_demo.json``: the small profile of the same classes;
+- ``LICENSE`` and ``docs/README.md`` (the zoo's sections, filled from the bundle's own files).
+
+``fedfms bundles --check`` (and a test) proves that the bundles agree with their source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedfms.errors import DataError
+from fedfms.io import atomic_write, load_json
+
+TEMPLATES = Path(__file__).parent / "bundle_templates"
+SHARED = "common.json"
+CONFIGS = ("train.json", "evaluate.json", "inference.json")
+COPIED = {"configs/cpu_demo.json": "cpu_demo.json", "LICENSE": "LICENSE"}
+OWN_FILES = ("configs/method.json", "configs/metadata.json", "docs/overview.md")
+PRETRAINED_REQUIRED = (
+    "Training needs `--pretrained_checkpoint /path/to/sam_vit_b_01ec64.pth`: a local SAM\n"
+    "checkpoint (the official one or MedSAM; nothing is downloaded). `--pretrained_checkpoint scratch`\n"
+    "trains from random weights on purpose (the papers' \"-PT\" ablation)."
+)
+FROM_SCRATCH = "The network trains from random weights (`pretrained_checkpoint`: `scratch`)."
+
+
+def is_bundle(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in OWN_FILES)
+
+
+def render_bundle(bundle_dir: str | os.PathLike) -> dict[str, str]:
+    """The text of every generated file of one bundle, keyed by its path inside the bundle."""
+    bundle = Path(bundle_dir)
+    missing = [name for name in OWN_FILES if not (bundle / name).is_file()]
+    if missing:
+        raise DataError(bundle, f"not a fedfms bundle: {', '.join(missing)} missing")
+    shared = load_json(TEMPLATES / SHARED)
+    files = {f"configs/{name}": _json({**shared, **load_json(TEMPLATES / name)}) for name in CONFIGS}
+    files.update({target: (TEMPLATES / source).read_text() for target, source in COPIED.items()})
+    files["docs/README.md"] = _readme(bundle)
+    return files
+
+
+def _json(config: dict) -> str:
+    return json.dumps(config, indent=4) + "\n"
+
+
+def _readme(bundle: Path) -> str:
+    """The zoo's README sections: the bundle's own overview, then the shared text with its names filled in."""
+    metadata = load_json(bundle / "configs" / "metadata.json")
+    method = load_json(bundle / "configs" / "method.json")
+    fields = {
+        "bundle": bundle.name,
+        "title": metadata["name"],
+        "overview": (bundle / "docs" / "overview.md").read_text().strip(),
+        "data_source": metadata["data_source"],
+        "references": "\n".join(f"- {reference}" for reference in metadata["references"]),
+        "method": "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in method.items()),
+        "version": metadata["version"],
+        "pretrained": PRETRAINED_REQUIRED if "pretrained_checkpoint" not in method else FROM_SCRATCH,
+    }
+    return (TEMPLATES / "README.md").read_text().format(**fields)
+
+
+def stale_files(bundle_dir: str | os.PathLike) -> list[str]:
+    """Generated files of a bundle that are missing, differ from their source, or are links."""
+    bundle = Path(bundle_dir)
+    return sorted(
+        name
+        for name, text in render_bundle(bundle).items()
+        if (bundle / name).is_symlink() or not (bundle / name).is_file() or (bundle / name).read_text() != text
+    )
+
+
+def write_bundle(bundle_dir: str | os.PathLike) -> list[str]:
+    """Render a bundle's generated files into it (each written atomically); returns those that changed."""
+    bundle = Path(bundle_dir)
+    changed = stale_files(bundle)
+    for name, text in render_bundle(bundle).items():
+        if name in changed:  # the rename replaces a link itself, not its target
+            atomic_write(bundle / name, lambda tmp, text=text: _write_readable(tmp, text))
+    return changed
+
+
+def _write_readable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o644)  # a temporary file starts private; bundle files are read by every participant
+
+
+def find_bundles(root: str | os.PathLike, names: Sequence[str] = ()) -> list[Path]:
+    """The bundles under ``root`` (all, or those ``names``)."""
+    root = Path(root)
+    if names:
+        return [root / name for name in names]
+    return sorted(folder for folder in root.iterdir() if is_bundle(folder))
