@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage
 
@@ -109,6 +110,20 @@ def load_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(path, f"is not valid JSON ({err})") from err
+
+
+def load_torch_file(path: str | os.PathLike, missing: str, what: str, weights_only: bool = True) -> Any:
+    """``torch.load`` of a local file on the CPU; a missing or unreadable file is a :class:`DataError`.
+
+    ``missing`` is the problem reported for a missing file; ``what`` names what the file should be.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, missing)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # pickle, zip and torch errors all mean an unreadable file
+        raise DataError(path, f"cannot be read as {what} ({type(err).__name__}: {err})") from err
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -15,6 +15,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from torch import nn
 
 from fedfms.errors import DataError
+from fedfms.io import load_torch_file
 from fedfms.fl.exchange import exchanged_keys
 from fedfms.paths import resolve_path
 
@@ -36,12 +37,8 @@ def read_resume_model(resume_from: str | os.PathLike) -> dict:
     """The saved global model a run resumes from, checked: it must be a global model this project saved."""
     path = resolve_path(resume_from).resolve()
     path = path / GLOBAL_MODEL if path.is_dir() else path
-    if not path.is_file():
-        raise DataError(path, "no global model to resume from (expected the FL_global_model.pt of an earlier run, or its folder)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle, zip and torch errors all mean an unreadable file
-        raise DataError(path, f"cannot be read as a saved global model ({type(err).__name__}: {err})") from err
+    missing = "no global model to resume from (expected the FL_global_model.pt of an earlier run, or its folder)"
+    saved = load_torch_file(path, missing, "a saved global model", weights_only=False)
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise DataError(path, "is not a global model saved by an NVFlare PyTorch persistor (no 'model' state dict)")
     return saved

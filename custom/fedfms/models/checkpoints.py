@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedfms.errors import DataError
+from fedfms.io import load_torch_file
 
 WRAPPER_KEYS = ("model", "state_dict", "network")
 # Parameters a model may add or reshape on top of SAM; anything else is a base weight.
@@ -61,12 +62,7 @@ class LoadReport:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a local checkpoint file, unwrapping ``{"model": ...}``-style containers."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean an unreadable file
-        raise DataError(path, f"cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    obj = load_torch_file(path, "checkpoint not found", "a PyTorch checkpoint")
     while isinstance(obj, dict) and len(obj) and not _is_state_dict(obj):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
