@@ -113,7 +113,7 @@ def _job(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(JobOptions)}
     out = configure_job(args.job, args.out, JobOptions(**{k: v for k, v in vars(args).items() if k in names}))
     print(f"job written to {out}")
-    print(f"  simulate it:  nvflare simulator {out} -w WORKSPACE -n N -t N")
+    print(f"  simulate it:  nvflare simulator {out} -w WORKSPACE -c SITE,SITE,... -t N   (the hospitals' names; -n N names them site-1..N)")
     print(f"  submit it:    nvflare job submit -j {out}   (POC or a provisioned project; see the README's Deploy section)")
     return 0
 
@@ -222,6 +222,7 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--task-timeout", type=int, help="seconds a round's task may take before the round goes on without the silent sites (0: no limit)")
     p.add_argument("--min-clients", type=int, help="acceptable updates a round needs; fewer end the rounds")
     p.add_argument("--norm-statistics", choices=("global", "local"), help="normalisation statistics: averaged with the weights (global) or kept at each site (local, FedBN)")
+    p.add_argument("--evaluate-only", action="append", metavar="SITE", help="leave-one-site-out job: this site only scores the final model (default: the partition's unseen site)")
     p.add_argument("--exclude-vars", help="regular expression: matching tensors never leave a site (NVFlare's ExcludeVars filter)")
     p.add_argument("--percentile-privacy", type=float, metavar="PERCENTILE", help="sites send weight changes, zeroing those below this percentile of magnitude (NVFlare's PercentilePrivacy)")
     p.add_argument("--privacy-gamma", type=float, default=0.01, help="PercentilePrivacy: each shared change (per training sample) is clipped to +-gamma")

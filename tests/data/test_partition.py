@@ -7,7 +7,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from fedfms.cli import main
-from fedfms.data.partition import PROXY, UNSEEN, PartitionOptions, allocate, load_prepared_cases, partition
+from fedfms.data.partition import PROXY, UNSEEN, PartitionOptions, allocate, load_prepared_cases, partition, unseen_site
 from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
 
@@ -63,6 +63,12 @@ def test_leave_one_site_out(prepared, tmp_path):
     assert unseen["training"] == [] and unseen["validation"] == [] and len({e["case"] for e in unseen["testing"]}) == 8
     assert not (tmp_path / "BMC.json").exists()
     assert json.loads((tmp_path / "partition.json").read_text())["clients"] == ["I2CVB", "RUNMC"]
+    assert unseen_site(tmp_path) == "BMC"
+
+
+def test_a_partition_without_an_unseen_site_has_none(prepared, tmp_path):
+    partition(prepared, tmp_path, PartitionOptions(method="natural"))
+    assert unseen_site(tmp_path) is None
 
 
 def test_quantity_skew_gives_unequal_clients(prepared, tmp_path):

@@ -27,10 +27,14 @@ def checkpoint(tmp_path) -> Path:
 
 
 def _data(tmp_path: Path, *partitions: str) -> Path:
-    """A prepared-data folder holding one site datalist in each of ``partitions``."""
+    """A prepared-data folder holding one site datalist in each of ``partitions``; ``*/loso`` leaves HK out."""
     for partition in partitions:
-        (tmp_path / "data" / partition).mkdir(parents=True)
-        (tmp_path / "data" / partition / "RUNMC.json").write_text("{}")
+        folder = tmp_path / "data" / partition
+        folder.mkdir(parents=True)
+        (folder / "RUNMC.json").write_text("{}")
+        if partition.endswith("loso"):
+            (folder / "unseen.json").write_text("{}")
+            (folder / "partition.json").write_text(json.dumps({"options": {"method": "loso", "unseen_site": "HK"}}))
     return tmp_path / "data"
 
 
@@ -39,13 +43,14 @@ def test_paper_profile_changes_every_place_the_bundle_is_named(tmp_path, checkpo
     out = configure_job(REPO / "jobs/fedmsa_prostate_loso", tmp_path / "paper", JobOptions(profile="paper", pretrained_checkpoint=str(checkpoint), dataset_dir=str(tmp_path / "data")))
     client, server = _configs(out)
     places = bundle_args(client) + bundle_args(server)
-    assert len(places) == 3  # learner, persistor network, unseen-site evaluator
+    assert len(places) == 2  # learner, persistor network: the server needs no site's data
     assert all(args["config_files"] == ["train.json"] for args in places)
     assert all(str(checkpoint) in json.dumps(args) for args in places)
     assert all(args["dataset_dir"] == str(tmp_path / "data") for args in places if "dataset_dir" in args)
     assert server["workflows"][0]["args"]["num_rounds"] == 100 and bundle_args(client)[0]["local_epochs"] == 1
     assert all(w["args"]["task_timeout"] == 6 * 3600 for w in server["workflows"])  # sized to ViT-B at 1024
     assert json.loads((out / "meta.json").read_text())["name"] == "paper"
+    assert [w["args"]["evaluate_only_sites"] for w in server["workflows"]] == [["HK"], ["HK"]]  # from the partition
     assert (out / "app/custom/README.md").is_file()
     assert bundle_args(_configs(REPO / "jobs/fedmsa_prostate_loso")[0])[0]["config_files"] == ["train.json", "cpu_demo.json"]  # source untouched
 
@@ -178,3 +183,25 @@ def test_every_shipped_job_checks_updates_and_bounds_its_tasks(job):
     assert all(w["args"]["task_timeout"] > 0 for w in server["workflows"] if "task_timeout" in w["args"] or w["path"].endswith("FinalEvaluation"))
     ids = {c["id"]: c["path"] for c in server["components"]}
     assert ids["update_validator"] == "fedfms.fl.update_check.UpdateValidator" and ids["contributions"] == "fedfms.fl.recorder.ContributionRecorder"
+
+
+def test_evaluate_only_site_given_when_the_data_is_elsewhere(tmp_path):
+    out = configure_job(REPO / "jobs/fedmsa_prostate_loso", tmp_path / "loso", JobOptions(evaluate_only=["BMC"]))
+    assert [w["args"]["evaluate_only_sites"] for w in _configs(out)[1]["workflows"]] == [["BMC"], ["BMC"]]
+
+
+def test_leave_one_site_out_job_refuses_a_partition_without_an_unseen_site(tmp_path):
+    _data(tmp_path, "partitions/natural")
+    options = JobOptions(dataset_dir=str(tmp_path / "data"), datalist_dir="partitions/natural")
+    with pytest.raises(DataError, match=r"partitions/natural: not a leave-one-site-out partition \(no unseen.json\)"):
+        configure_job(REPO / "jobs/fedmsa_prostate_loso", tmp_path / "loso", options)
+    with pytest.raises(ValueError, match="--evaluate-only needs a leave-one-site-out job"):
+        configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "plain", JobOptions(evaluate_only=["HK"]))
+    assert not (tmp_path / "loso").exists() and not (tmp_path / "plain").exists()
+
+
+def test_job_command_says_how_to_simulate_and_submit_the_copy(tmp_path, capsys):
+    assert main(["job", str(REPO / "jobs/fedmsa_prostate_loso"), "--out", str(tmp_path / "loso"), "--evaluate-only", "HK"]) == 0
+    printed = capsys.readouterr().out
+    assert f"nvflare simulator {tmp_path / 'loso'} -w WORKSPACE -c SITE,SITE,..." in printed
+    assert f"nvflare job submit -j {tmp_path / 'loso'}" in printed

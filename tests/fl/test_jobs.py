@@ -180,14 +180,20 @@ def test_fednnunet_with_local_normalisation_layers_fedbn(fl_data, tmp_path):
     assert all("FedBN" in final[s]["note"] for s in ("site-1", "site-2"))
 
 
-def test_leave_one_site_out_job_tests_the_unseen_site(fl_data, tmp_path):
-    run = _run("fedmsa_prostate_loso", fl_data, tmp_path, rounds=1, clients=("BMC", "I2CVB"))
+def test_leave_one_site_out_unseen_site_only_evaluates(fl_data, tmp_path):
+    """RUNMC is a participant that never trains or sends weights and scores the final model on its own data."""
+    run = _run("fedmsa_prostate_loso", fl_data, tmp_path, rounds=1, clients=("BMC", "I2CVB", "RUNMC"))
     _check_federated_run(run, rounds=[0], sites=["BMC", "I2CVB"])
-    assert {r["data"] for r in json.loads((run.app / "round_metrics.json").read_text())} == {"BMC", "I2CVB"}  # RUNMC never trains
+    server = run.app / "config/config_fed_server.json"
+    assert "dataset_dir" not in server.read_text()  # the server never reads a site's data
+    assert {r["data"] for r in json.loads((run.app / "round_metrics.json").read_text())} == {"BMC", "I2CVB"}
+    assert sorted(p.name for p in run.sent.iterdir()) == ["BMC_round0.pt", "I2CVB_round0.pt"]  # RUNMC sent nothing
+    assert "site RUNMC is the unseen site" in run.log and "refuses" not in run.log
     final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
     assert all(0 <= final["unseen:RUNMC"][k] <= 1 for k in ("dice_2d", "iou_2d", "dice_3d"))
+    assert "RUNMC" not in final and final["average"]["note"] == "2 of 2 sites"
     unseen_cases = {s["case"] for s in json.loads((run.data / "partitions/loso/unseen.json").read_text())["testing"]}
-    evaluated = (run.app / "eval_unseen/per_volume.csv").read_text().splitlines()[1:]
+    evaluated = (run.workspace / "RUNMC/simulate_job/app_RUNMC/eval/per_volume.csv").read_text().splitlines()[1:]
     assert len(evaluated) == len(unseen_cases) and all(row.startswith("RUNMC,") for row in evaluated)
 
 
@@ -213,6 +219,8 @@ def test_site_names_map_onto_prepared_datalists(fl_data):
     assert site_datalist("I2CVB", folder) == "I2CVB"
     with pytest.raises(ValueError, match="no datalist for site 'site-9'"):
         site_datalist("site-9", folder)
+    loso = fl_data / "data" / "partitions" / "loso"
+    assert site_datalist("RUNMC", loso) == "unseen" and site_datalist("site-2", loso) == "I2CVB"
 
 
 def test_report_without_a_run_says_so(tmp_path, capsys):

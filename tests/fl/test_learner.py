@@ -35,3 +35,14 @@ def test_the_global_model_loads_weights_and_statistics():
     assert torch.equal(learner.network.state_dict()["1.running_mean"], torch.full((2,), 0.5))
     with pytest.raises(ValueError, match="unexpected \\['extra'\\]"):
         learner._load_global(_global(extra=torch.zeros(1)))
+
+
+def test_the_unseen_site_refuses_training_and_validation():
+    learner = _learner()
+    learner.site_name, learner.datalist = "RUNMC", "unseen"
+    before = {k: v.clone() for k, v in learner.network.state_dict().items()}
+    with pytest.raises(RuntimeError, match="site RUNMC is the unseen site .* refuses train"):
+        learner.train(_global())
+    with pytest.raises(RuntimeError, match="refuses validation"):
+        learner.validate(_global())
+    assert all(torch.equal(learner.network.state_dict()[k], v) for k, v in before.items())  # nothing was loaded

@@ -49,6 +49,14 @@ def client_datalists(folder: str | os.PathLike) -> list[str]:
     return sorted(p.stem for p in Path(folder).glob("*.json") if p.stem not in {SUMMARY, PROXY, UNSEEN})
 
 
+def unseen_site(folder: str | os.PathLike) -> str | None:
+    """The site a leave-one-site-out partition keeps out of training (its ``unseen.json``), else None."""
+    folder = Path(folder)
+    if not (folder / f"{UNSEEN}.json").is_file():
+        return None
+    return load_json(folder / f"{SUMMARY}.json")["options"]["unseen_site"]
+
+
 @dataclass
 class PartitionOptions:
     """Every knob of ``fedfms partition``; recorded in ``partition.json``."""

@@ -22,6 +22,7 @@ the ones that model records.
 
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -64,6 +65,8 @@ class ResumableFedAvg(FedAvg):
         task_timeout: seconds a round's task may take (0: no limit; then a silent site stalls the run).
         validator_id: the :class:`~fedfms.fl.update_check.UpdateValidator` component.
         recorder_id: the :class:`~fedfms.fl.recorder.ContributionRecorder` component.
+        evaluate_only_sites: sites that never get a training task (the unseen hospital of a
+            leave-one-site-out job, which only scores the final model in ``FinalEvaluation``).
         kwargs: ``FedAvg`` arguments (``num_rounds``, ``persistor_id``, ``aggregator``, ...).
             ``ignore_result_error`` defaults to True: a failed site is recorded, not a reason to abort.
     """
@@ -75,6 +78,7 @@ class ResumableFedAvg(FedAvg):
         task_timeout: int = 0,
         validator_id: str = "update_validator",
         recorder_id: str = "contributions",
+        evaluate_only_sites: list[str] | None = None,
         **kwargs,
     ) -> None:
         if kwargs.get("stop_cond"):
@@ -87,6 +91,7 @@ class ResumableFedAvg(FedAvg):
         self.task_timeout = int(task_timeout)
         self.validator_id = validator_id
         self.recorder_id = recorder_id
+        self.evaluate_only_sites = sorted(evaluate_only_sites or [])
         self.validator: UpdateValidator | None = None
         self.recorder: ContributionRecorder | None = None
         self._outcomes: dict[str, str] = {}  # this round: site -> status
@@ -124,6 +129,14 @@ class ResumableFedAvg(FedAvg):
             self._maybe_cleanup_memory()
         self.recorder.run_status("completed", f"all {total} rounds", rounds_completed=total, rounds_planned=total)
         self.info(center_message("Finished FedAvg."))
+
+    def sample_clients(self, num_clients: int | None = None) -> list[str]:
+        """The connected sites that train (``num_clients`` of them at random, if set); evaluate-only sites never do."""
+        training = [c.name for c in self.engine.get_clients() if c.name not in self.evaluate_only_sites]
+        if num_clients and num_clients < len(training):
+            training = random.sample(training, num_clients)
+        self.info(f"round {self.current_round} trains on {training}" + (f"; evaluate only: {self.evaluate_only_sites}" if self.evaluate_only_sites else ""))
+        return training
 
     def _round(self, model: FLModel) -> bool:
         """Send the round's task and collect its updates; False when the rounds must end here."""

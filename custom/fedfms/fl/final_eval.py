@@ -1,4 +1,4 @@
-"""After the rounds: every site scores the final global model on its test split (and the unseen site, if any)."""
+"""After the rounds: every site scores the final global model on its test split (the unseen site of a leave-one-site-out job too)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedfms.bundle import TEST_METRICS
+from fedfms.data.partition import UNSEEN
 from fedfms.io import save_csv, save_json
 
 TEST_SPLIT = "testing"
@@ -24,9 +25,9 @@ class FinalEvaluation(ModelController):
     that answered to ``<app_server>/<file_name>.csv`` and ``.json``. A site that fails or does
     not answer within ``task_timeout`` seconds gets a row saying so; the others' scores are kept.
     Under FedBN (``norm_statistics: local`` in the persistor) every row says that the site scored
-    the global weights with its own normalisation layers. With ``unseen_evaluator_id`` (a
-    :class:`fedfms.fl.unseen.UnseenSiteEvaluator`) a leave-one-site-out job adds a row
-    ``unseen:<SITE>`` for the site that never trained; it is not part of the average.
+    the global weights with its own normalisation layers. The ``evaluate_only_sites`` of a
+    leave-one-site-out job (hospitals that never trained) score the model on their own data like
+    the others; their rows are named ``unseen:<SITE>`` and are not part of the average.
     """
 
     def __init__(
@@ -34,7 +35,7 @@ class FinalEvaluation(ModelController):
         persistor_id: str = "persistor",
         task_name: str = "validate",
         file_name: str = "final_test",
-        unseen_evaluator_id: str = "",
+        evaluate_only_sites: list[str] | None = None,
         task_timeout: int = 0,
         task_check_period: float = 0.5,
     ) -> None:
@@ -43,7 +44,7 @@ class FinalEvaluation(ModelController):
             raise ValueError(f"task_timeout must be >= 0, got {task_timeout}")
         self.task_name = task_name
         self.file_name = file_name
-        self.unseen_evaluator_id = unseen_evaluator_id
+        self.evaluate_only_sites = sorted(evaluate_only_sites or [])
         self.task_timeout = int(task_timeout)
 
     def run(self) -> None:
@@ -53,10 +54,11 @@ class FinalEvaluation(ModelController):
             return
         model = FLModelUtils.from_model_learnable(learnable)
         model.meta = {"split": TEST_SPLIT}
-        sites = sorted(client.name for client in self.engine.get_clients())
+        connected = sorted(client.name for client in self.engine.get_clients())
+        sites = [s for s in connected if s not in self.evaluate_only_sites]
         # Without a timeout every site is waited for (min_responses 0 means all of them).
         results = self.broadcast_model(
-            data=model, task_name=self.task_name, targets=sites, min_responses=1 if self.task_timeout else 0,
+            data=model, task_name=self.task_name, targets=connected, min_responses=1 if self.task_timeout else 0,
             timeout=self.task_timeout, wait_time_after_min_received=self.task_timeout,
         )
         note = FEDBN_NOTE if getattr(self.persistor, "norm_statistics", "global") == "local" else None
@@ -65,19 +67,20 @@ class FinalEvaluation(ModelController):
             self.error(f"no site scored the final global model within {self.task_timeout} s: no final test table")
             return
         rows = [{"site": s, **scored.get(s, {"note": f"no scores: the site failed or did not answer within {self.task_timeout} s"})} for s in sites]
-        rows.append({"site": "average", **{k: _mean([r.get(k) for r in rows]) for k in TEST_METRICS}, "note": f"{len(scored)} of {len(sites)} sites"})
-        if self.unseen_evaluator_id:
-            rows.append(self._unseen_row())
+        trained = [r for r in rows if r["site"] in scored]
+        rows.append({"site": "average", **{k: _mean([r.get(k) for r in trained]) for k in TEST_METRICS}, "note": f"{len(trained)} of {len(sites)} sites"})
+        rows += [self._unseen_row(site, scored, connected) for site in self.evaluate_only_sites]
         self._write(rows)
         for row in rows:
             self.info(f"final test {row['site']}: " + ", ".join(f"{k} {row.get(k)}" for k in TEST_METRICS) + (f" ({row['note']})" if row.get("note") else ""))
 
-    def _unseen_row(self) -> dict:
-        evaluator = self.get_component(self.unseen_evaluator_id)
-        app_root = Path(self.fl_ctx.get_prop(FLContextKey.APP_ROOT))
-        site = evaluator.site_name()
-        self.info(f"scoring the final global model on the unseen site {site}")
-        return {"site": f"unseen:{site}", **evaluator.evaluate(self.persistor.global_model_path(), app_root / "eval_unseen")}
+    def _unseen_row(self, site: str, scored: dict, connected: list[str]) -> dict:
+        """The row of a site that never trained; not part of the average."""
+        if site in scored:
+            note = "; ".join(filter(None, ["never trained: scored on its own test data", scored[site]["note"]]))
+            return {"site": f"{UNSEEN}:{site}", **scored[site], "note": note}
+        why = "not connected" if site not in connected else f"failed or did not answer within {self.task_timeout} s"
+        return {"site": f"{UNSEEN}:{site}", "note": f"no scores: the site {why}"}
 
     def _write(self, rows: list[dict]) -> None:
         folder = Path(self.fl_ctx.get_prop(FLContextKey.APP_ROOT))

@@ -1,16 +1,17 @@
 """``fedfms job``: a configured copy of a shipped job folder (profile, data, partition, rounds, init mode, resume).
 
 The job folders in ``jobs/`` run the CPU demo profile on ``demo/data``. Switching to the paper
-profile touches every place the bundle is named (the client's learner, the server's persistor
-and, for leave-one-site-out, the unseen-site evaluator), so it is one command instead of hand
-edits::
+profile touches every place the bundle is named (the client's learner and the server's
+persistor), so it is one command instead of hand edits::
 
     fedfms job jobs/fedmsa_prostate --out my_jobs/fedmsa_paper --profile paper \\
         --pretrained-checkpoint /models/sam_vit_b_01ec64.pth --dataset-dir /data/prostate_1024
 
-``--datalist-dir`` points every bundle user (learner, pre-stage, unseen-site evaluator) at another
-partition of the same data; ``--init-mode`` chooses how a job with the FM-instructed-init workflow
-(``jobs/fminit_prostate``) starts: ``random``, ``pretrain`` or ``fm``.
+``--datalist-dir`` points every bundle user (learner, pre-stage) at another partition of the same
+data; ``--init-mode`` chooses how a job with the FM-instructed-init workflow
+(``jobs/fminit_prostate``) starts: ``random``, ``pretrain`` or ``fm``. A leave-one-site-out job
+(``evaluate_only_sites`` in its server workflows) takes its evaluate-only site from the partition's
+``unseen.json`` under ``--dataset-dir``, or from ``--evaluate-only SITE`` when the data is elsewhere.
 
 The copy is written next to ``--out`` and renamed into place, so a failed run leaves nothing.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedfms.bundle import read_method
+from fedfms.data.partition import unseen_site
 from fedfms.distillation.prestage import INIT_MODES
 from fedfms.errors import DataError
 from fedfms.fl.exchange import NORM_STATISTICS
@@ -60,6 +62,7 @@ class JobOptions:
     exclude_vars: str | None = None  # regex: these never leave a site (NVFlare's ExcludeVars)
     percentile_privacy: float | None = None  # share only weight changes above this percentile (NVFlare's PercentilePrivacy)
     privacy_gamma: float = 0.01  # PercentilePrivacy's clip of each shared change
+    evaluate_only: list[str] | None = None  # leave-one-site-out: sites that only score the final model
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
@@ -87,7 +90,7 @@ class JobOptions:
 
 
 def bundle_args(config: dict) -> list[dict]:
-    """Every ``args`` dict in a job config that names a bundle (learner, persistor model, unseen evaluator)."""
+    """Every ``args`` dict in a job config that names a bundle (learner, persistor model, pre-stage)."""
     found = []
 
     def visit(node) -> None:
@@ -110,7 +113,7 @@ def _set_profile(args: dict, options: JobOptions) -> None:
         args["config_files"] = files + [DEMO_CONFIG] if options.profile == "cpu_demo" else files
     if options.pretrained_checkpoint:
         checkpoint = str(Path(options.pretrained_checkpoint).resolve())
-        if "dataset_dir" in args:  # learner and unseen-site evaluator: an ``overrides`` dict
+        if "dataset_dir" in args:  # learner and pre-stage: an ``overrides`` dict
             args["overrides"] = {**args.get("overrides", {}), "pretrained_checkpoint": checkpoint}
         else:  # the persistor's ``bundle_network(**overrides)``
             args["pretrained_checkpoint"] = checkpoint
@@ -171,6 +174,7 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
                 workflow["args"]["task_timeout"] = timeout
     if options.min_clients:
         fedavg["min_clients"] = options.min_clients
+    _set_evaluate_only(server, learner, options)
     if options.norm_statistics:
         learner["norm_statistics"] = options.norm_statistics
         _component(server, fedavg.get("persistor_id", "persistor"))["args"]["norm_statistics"] = options.norm_statistics
@@ -178,6 +182,25 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
     if options.resume_from:
         for component_id in RESUMING_COMPONENTS:
             _component(server, component_id)["args"]["resume_from"] = str(Path(options.resume_from).resolve())
+
+
+def _set_evaluate_only(server: dict, learner: dict, options: JobOptions) -> None:
+    """Leave-one-site-out: the sites the server never sends training to (FedAvg and the final evaluation)."""
+    workflows = [w["args"] for w in server["workflows"] if "evaluate_only_sites" in w["args"]]
+    sites = options.evaluate_only
+    if not workflows:
+        if sites:
+            raise ValueError("--evaluate-only needs a leave-one-site-out job (evaluate_only_sites in its server workflows), such as jobs/fedmsa_prostate_loso")
+        return
+    if not sites and options.dataset_dir:
+        folder = Path(learner["dataset_dir"]) / learner["datalist_dir"]
+        unseen = unseen_site(folder)
+        if unseen is None:
+            raise DataError(folder, "not a leave-one-site-out partition (no unseen.json); run `fedfms partition --method loso --unseen SITE`")
+        sites = [unseen]
+    if sites:
+        for args in workflows:
+            args["evaluate_only_sites"] = sorted(sites)
 
 
 def _set_privacy(client: dict, server: dict, learner: dict, options: JobOptions) -> None:

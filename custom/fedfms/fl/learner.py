@@ -23,8 +23,8 @@ from nvflare.app_common.abstract.model_learner import ModelLearner
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from fedfms.bundle import bundle_workflow, check_datalist, evaluate_checkpoint
-from fedfms.data.partition import client_datalists
+from fedfms.bundle import bundle_network, bundle_workflow, check_datalist, evaluate_checkpoint
+from fedfms.data.partition import UNSEEN, client_datalists, unseen_site
 from fedfms.errors import DataError
 from fedfms.fl.exchange import exchanged_keys
 from fedfms.paths import resolve_path
@@ -34,7 +34,8 @@ def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
 
     A datalist named after the site is used as is (real hospital names, ``-c RUNMC,BMC``).
     NVFlare's default names ``site-1 .. site-N`` map onto the prepared client datalists in sorted
-    order, so the simulator runs on the prepared sites without renaming anything.
+    order, so the simulator runs on the prepared sites without renaming anything. The site a
+    leave-one-site-out partition keeps out of training gets its ``unseen`` datalist (test only).
     """
     folder = Path(datalist_dir)
     if not folder.is_dir():
@@ -42,6 +43,8 @@ def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
     names = client_datalists(folder)
     if site in names:
         return site
+    if site == unseen_site(folder):
+        return UNSEEN
     match = re.fullmatch(r"site-(\d+)", site)
     if match and 1 <= int(match.group(1)) <= len(names):
         return names[int(match.group(1)) - 1]
@@ -94,6 +97,7 @@ class BundleLearner(ModelLearner):
         self.num_threads = num_threads
         self.overrides = dict(overrides or {})
         self.workflow: ConfigWorkflow | None = None
+        self.datalist: str | None = None  # this site's datalist in the partition, set by initialize()
 
     def initialize(self) -> None:
         fobs.register(TensorDecomposer)  # torch tensors travel as tensors, as NVFlare's PT components send them
@@ -102,6 +106,10 @@ class BundleLearner(ModelLearner):
         self.resolved_data = resolve_path(self.dataset_dir)
         folder = self.resolved_data / self.datalist_dir
         self.datalist = site_datalist(self.site_name, folder)
+        self.writer = self.engine.get_component(self.tracking_writer_id) if self.tracking_writer_id and self.engine else None
+        if self.evaluate_only:
+            self._initialize_evaluate_only(folder)
+            return
         check_datalist(folder / f"{self.datalist}.json", ("training", "validation"))  # before any work: names the file
         self.info(f"site {self.site_name} trains on datalist {self.datalist} of {folder}")
         self.workflow = self._workflow([], "train", max_epochs=self.local_epochs)
@@ -110,7 +118,17 @@ class BundleLearner(ModelLearner):
         self.network = self.trainer.network
         self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
         self.num_train_samples = len(self.trainer.data_loader.dataset)
-        self.writer = self.engine.get_component(self.tracking_writer_id) if self.tracking_writer_id and self.engine else None
+
+    @property
+    def evaluate_only(self) -> bool:
+        """The unseen site of a leave-one-site-out partition: it scores the final model and never trains."""
+        return self.datalist == UNSEEN
+
+    def _initialize_evaluate_only(self, folder: Path) -> None:
+        check_datalist(folder / f"{UNSEEN}.json", ("testing",))
+        self.info(f"site {self.site_name} is the unseen site of {folder}: it only scores the final global model, never trains or sends weights")
+        self.network = bundle_network(self.bundle_root, self.config_files, **self._site_settings())
+        self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
 
     def _site_settings(self) -> dict:
         """Bundle overrides that put this site's data in and its outputs inside the site's app folder."""
@@ -133,6 +151,7 @@ class BundleLearner(ModelLearner):
         NVFlare's ModelLearnerExecutor scores the received global model with :meth:`validate`
         just before this call and reports that score with the result, so it is not repeated here.
         """
+        self._refuse_if_evaluate_only("train")
         self._load_global(model)
         self._train_local()
         local_dice = float(self.evaluator.state.metrics.get("val_mean_dice", float("nan")))
@@ -155,12 +174,22 @@ class BundleLearner(ModelLearner):
 
     def validate(self, model: FLModel) -> FLModel:
         """Score the received global model: on the validation split, or on the test split when asked."""
+        testing = (model.meta or {}).get("split") == "testing"
+        if not testing:
+            self._refuse_if_evaluate_only("validation")
         self._load_global(model)
-        if (model.meta or {}).get("split") == "testing":
+        if testing:
             return FLModel(metrics=self._test())
         dice = self._validate()
         self._track("global_val_dice", dice)
         return FLModel(metrics={"val_mean_dice": dice})
+
+    def _refuse_if_evaluate_only(self, task: str) -> None:
+        if self.evaluate_only:
+            raise RuntimeError(
+                f"site {self.site_name} is the unseen site of this leave-one-site-out partition and only scores the final model; "
+                f"it refuses {task} (list it in the server's evaluate_only_sites so it gets no such task)"
+            )
 
     def finalize(self) -> None:
         if self.workflow is not None:
