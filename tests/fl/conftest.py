@@ -1,5 +1,6 @@
 """Running shipped jobs through the real `nvflare simulator`, as a user would."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,13 @@ def job_copy(job: str, tmp_path: Path, dataset_dir: Path, rounds: int, **options
     return configure_job(REPO / "jobs" / job, tmp_path / job, JobOptions(dataset_dir=str(dataset_dir), num_rounds=rounds, **options))
 
 
-def simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3, expect_success: bool = True) -> str:
-    """Run the simulator from the repository root; on expected success, check the exit code and the log."""
+def simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3, expect_success: bool = True, env: dict | None = None) -> str:
+    """Run the simulator from the repository root (``env``: added variables); on expected success, check the exit code and the log."""
     names = ["-c", ",".join(clients)] if isinstance(clients, tuple) else ["-n", str(clients)]
     threads = len(clients) if isinstance(clients, tuple) else clients
     result = subprocess.run(
         [str(NVFLARE), "simulator", str(job_dir), "-w", str(workspace), *names, "-t", str(threads)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
     )
     log = result.stdout + result.stderr
     if expect_success:

@@ -16,6 +16,7 @@ from fedfms.cli import main
 from fedfms.errors import DataError
 from fedfms.fl.exchange import exchanged_keys
 from fedfms.fl.learner import site_datalist
+from fedfms.fl.site_settings import SETTINGS_ENV
 from tests.fl.conftest import APP, job_copy, simulate
 
 pytestmark = pytest.mark.slow  # every test here runs the real simulator or prepares its data
@@ -38,12 +39,24 @@ class Run:
         return self.workspace / APP
 
 
-def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data", **options) -> Run:
+def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data",
+         site_settings: dict[str, dict] | None = None, **options) -> Run:
     job_dir = job_copy(job, tmp_path, fl_data / data, rounds, **options)
     _record_outgoing(job_dir, tmp_path / "sent")
-    log = simulate(job_dir, tmp_path / "ws", clients)
+    env = _site_settings(job_dir, fl_data / data, tmp_path / "settings", site_settings) if site_settings else None
+    log = simulate(job_dir, tmp_path / "ws", clients, env=env)
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())["components"][0]["args"]
     return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"], tmp_path / "sent")
+
+
+def _site_settings(job_dir: Path, data: Path, folder: Path, settings: dict[str, dict]) -> dict:
+    """Each site's own settings file, named through the environment; the job's data path then leads nowhere."""
+    config = job_dir / "app/config/config_fed_client.json"
+    config.write_text(config.read_text().replace(str(data), "/no/such/data"))
+    folder.mkdir()
+    for site, values in settings.items():
+        (folder / f"{site}.json").write_text(json.dumps(values))
+    return {SETTINGS_ENV: str(folder / "{site}.json")}
 
 
 def _record_outgoing(job_dir: Path, folder: Path) -> None:
@@ -148,9 +161,15 @@ def test_flapsam_job_aggregates_lora_by_svd(fl_data, tmp_path):
     _check_federated_run(run, rounds=[0], sites=["site-1", "site-2", "site-3"])
 
 
-def test_fedsam_job_runs_with_real_site_names(fl_data, tmp_path):
-    run = _run("fedsam_prostate", fl_data, tmp_path, rounds=1, clients=SITES)
+def test_fedsam_job_runs_with_real_site_names_each_on_its_own_settings(fl_data, tmp_path):
+    """Each hospital's own settings file points it at its data and output folder; the job's data path is never used."""
+    settings = {site: {"dataset_dir": str(fl_data / "data"), "num_threads": 1, "device": "cpu", "output_dir": str(tmp_path / "out" / site)} for site in SITES}
+    run = _run("fedsam_prostate", fl_data, tmp_path, rounds=1, clients=SITES, site_settings=settings)
     initial = _check_federated_run(run, rounds=[0], sites=list(SITES))
+    for site in SITES:
+        assert f"site settings of {site}: dataset_dir={fl_data / 'data'}, num_threads=1, device=cpu" in run.log
+        assert (tmp_path / "out" / site / "simulate_job/eval/per_volume.csv").is_file()  # outputs where the site said
+        assert not (run.workspace / site / "simulate_job" / f"app_{site}" / "eval").exists()
     assert _trainable(initial) == set(initial.state_dict()) - {k for k, _ in initial.named_buffers()}  # full fine-tuning
 
 
@@ -206,7 +225,7 @@ def test_job_without_data_stops_and_says_where_it_looked(fl_data, tmp_path):
     config = job_dir / "app/config/config_fed_client.json"
     config.write_text(config.read_text().replace(str(fl_data / "data"), str(tmp_path / "no_data")))
     log = simulate(job_dir, tmp_path / "ws", 2, expect_success=False)
-    assert f"{tmp_path / 'no_data' / 'partitions' / 'natural'}: no such partition folder; make the demo data with `make demo`" in log
+    assert f"{tmp_path / 'no_data' / 'partitions' / 'natural'}: no such partition folder; run `fedfms prepare` and `fedfms partition`" in log
     status = json.loads((tmp_path / "ws" / APP / "run_status.json").read_text())
     assert status["status"] == "ended_early" and "0 acceptable updates of 2 sites" in status["reason"]
     assert not (tmp_path / "ws" / APP / "final_test.json").exists()  # no site could score anything

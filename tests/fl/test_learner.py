@@ -5,7 +5,9 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from torch import nn
 
+from fedfms.errors import DataError
 from fedfms.fl.learner import BundleLearner
+from fedfms.fl.site_settings import SETTINGS_ENV
 
 
 def _learner() -> BundleLearner:
@@ -46,3 +48,11 @@ def test_the_unseen_site_refuses_training_and_validation():
     with pytest.raises(RuntimeError, match="refuses validation"):
         learner.validate(_global())
     assert all(torch.equal(learner.network.state_dict()[k], v) for k, v in before.items())  # nothing was loaded
+
+
+def test_a_site_without_its_data_folder_is_told_where_to_set_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(SETTINGS_ENV, raising=False)
+    learner = BundleLearner("bundles/unet_prostate", dataset_dir=str(tmp_path / "nowhere"))
+    learner.site_name = "RUNMC"
+    with pytest.raises(DataError, match=rf"nowhere: site RUNMC: no prepared data folder here \(dataset_dir, the job's\); set this site's dataset_dir in local/fedfms_site.json in the site's startup kit, or the file named by \${SETTINGS_ENV}"):
+        learner._apply_site_settings()

@@ -27,6 +27,7 @@ from fedfms.bundle import bundle_network, bundle_workflow, check_datalist, evalu
 from fedfms.data.partition import UNSEEN, client_datalists, unseen_site
 from fedfms.errors import DataError
 from fedfms.fl.exchange import exchanged_keys
+from fedfms.fl.site_settings import HINT, SiteSettings, read_site_settings
 from fedfms.paths import resolve_path
 
 def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
@@ -39,7 +40,7 @@ def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
     """
     folder = Path(datalist_dir)
     if not folder.is_dir():
-        raise DataError(folder, "no such partition folder; make the demo data with `make demo`, or run `fedfms prepare` and `fedfms partition`, then set dataset_dir and datalist_dir in the job's config_fed_client.json")
+        raise DataError(folder, f"no such partition folder; run `fedfms prepare` and `fedfms partition` (or `make demo`), then point the site at them: dataset_dir and datalist_dir in {HINT}, or in the job's config_fed_client.json")
     names = client_datalists(folder)
     if site in names:
         return site
@@ -57,7 +58,9 @@ class BundleLearner(ModelLearner):
     Args:
         bundle_root: the bundle folder, e.g. ``bundles/fedmsa_prostate`` (relative paths: see :mod:`fedfms.paths`).
         config_files: bundle configs merged in order (``["train.json", "cpu_demo.json"]`` for the demo).
-        dataset_dir: prepared data folder (``fedfms prepare`` output).
+        dataset_dir: prepared data folder (``fedfms prepare`` output). A site's own settings
+            (:mod:`fedfms.fl.site_settings`) replace this and ``datalist_dir``, ``num_threads``,
+            the bundle's ``device`` and where outputs go, without editing the job.
         datalist_dir: folder of the client datalists inside ``dataset_dir`` (a partition).
         local_epochs: epochs of local training per round.
         tracking_writer_id: id of the client's NVFlare ``TBWriter`` component; empty disables streaming.
@@ -98,12 +101,11 @@ class BundleLearner(ModelLearner):
         self.overrides = dict(overrides or {})
         self.workflow: ConfigWorkflow | None = None
         self.datalist: str | None = None  # this site's datalist in the partition, set by initialize()
+        self.settings = SiteSettings()
 
     def initialize(self) -> None:
         fobs.register(TensorDecomposer)  # torch tensors travel as tensors, as NVFlare's PT components send them
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        self.resolved_data = resolve_path(self.dataset_dir)
+        self._apply_site_settings()
         folder = self.resolved_data / self.datalist_dir
         self.datalist = site_datalist(self.site_name, folder)
         self.writer = self.engine.get_component(self.tracking_writer_id) if self.tracking_writer_id and self.engine else None
@@ -119,6 +121,26 @@ class BundleLearner(ModelLearner):
         self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
         self.num_train_samples = len(self.trainer.data_loader.dataset)
 
+    def _apply_site_settings(self) -> None:
+        """This site's own settings over the job's; the data folder must exist."""
+        self.settings = read_site_settings(self.site_name, self.workspace.get_site_config_dir() if self.workspace else None)
+        self.info(f"site settings of {self.site_name}: {self.settings.describe()}")
+        threads = self.settings.num_threads or self.num_threads
+        if threads:
+            torch.set_num_threads(threads)
+        self.datalist_dir = self.settings.datalist_dir or self.datalist_dir
+        self.resolved_data = resolve_path(self.settings.dataset_dir or self.dataset_dir)
+        if not self.resolved_data.is_dir():
+            origin = f"set in {self.settings.source}" if self.settings.dataset_dir else "the job's"
+            raise DataError(self.resolved_data, f"site {self.site_name}: no prepared data folder here (dataset_dir, {origin}); set this site's dataset_dir in {HINT}")
+
+    @property
+    def site_dir(self) -> Path:
+        """Where this site's checkpoints, logs and evaluation tables go: its app folder, or ``<output_dir>/<job id>``."""
+        if self.settings.output_dir:
+            return Path(self.settings.output_dir) / str(self.job_id)
+        return Path(self.app_root or ".")
+
     @property
     def evaluate_only(self) -> bool:
         """The unseen site of a leave-one-site-out partition: it scores the final model and never trains."""
@@ -132,13 +154,14 @@ class BundleLearner(ModelLearner):
 
     def _site_settings(self) -> dict:
         """Bundle overrides that put this site's data in and its outputs inside the site's app folder."""
-        site_dir = Path(self.app_root or ".")
+        device = {"device": f"$torch.device({self.settings.device!r})"} if self.settings.device else {}
         return {
             "dataset_dir": str(self.resolved_data),
             "datalist_dir": self.datalist_dir,
             "sites": self.datalist,
-            "output_dir": str(site_dir / "models"),
-            "log_dir": str(site_dir / "logs"),
+            "output_dir": str(self.site_dir / "models"),
+            "log_dir": str(self.site_dir / "logs"),
+            **device,
             **self.overrides,
         }
 
@@ -220,11 +243,10 @@ class BundleLearner(ModelLearner):
 
     def _test(self) -> dict:
         """The bundle's evaluation (evaluate.json) of the current network on this site's test split."""
-        site_dir = Path(self.app_root or ".")
-        checkpoint = site_dir / "models" / "global_model_for_test.pt"
+        checkpoint = self.site_dir / "models" / "global_model_for_test.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": self.network.state_dict()}, checkpoint)
-        return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, site_dir / "eval", **self._site_settings())
+        return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, self.site_dir / "eval", **self._site_settings())
 
     def _train_local(self) -> None:
         """Continue the bundle's trainer for ``local_epochs`` more epochs (its state carries across rounds)."""
