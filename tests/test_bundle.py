@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fedfms.bundle import check_datalist, load_datalist
+from fedfms.bundle import bundle_dir, check_datalist, load_datalist
 from fedfms.errors import DataError
 
 
@@ -33,3 +33,10 @@ def test_a_site_without_samples_in_a_split_is_named(datalists):
         check_datalist(datalists / "RUNMC.json", ("testing",))
     with pytest.raises(DataError, match="HK.json: has no 'validation' samples"):
         check_datalist(datalists / "HK.json", ("validation",))
+
+
+def test_a_missing_bundle_says_where_it_was_looked_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"no MONAI bundle here \(no configs/ folder\); bundles/nope was looked up in {tmp_path}, "):
+        bundle_dir("bundles/nope")
+    assert bundle_dir("bundles/unet_prostate").name == "unet_prostate"  # found in the source tree (or the installed package)

@@ -25,7 +25,7 @@ from fedfms.io import load_json, strip_volume_suffix, volume_suffix
 from fedfms.models import build_model
 from fedfms.models.litemedsam import PACKAGED, resolve_checkpoint
 from fedfms.models.sam import sam_size
-from fedfms.paths import resolve_path
+from fedfms.paths import resolve_path, search_roots
 
 SCRATCH = ("scratch", "none")  # explicit values for "no pretrained weights" (the papers' -PT ablation)
 REQUIRED = "REQUIRED"
@@ -35,6 +35,15 @@ CHECKED_PREPARATION = (
     "axcodes", "lower_percentile", "upper_percentile", "zscore", "num_slices",
     "all_label_slices", "multi_class", "num_classes", "keep_empty",
 )
+
+
+def bundle_dir(bundle_root: str | os.PathLike) -> Path:
+    """The bundle folder ``bundle_root`` names (relative: :func:`fedfms.paths.resolve_path`); it must hold ``configs/``."""
+    root = resolve_path(bundle_root)
+    if not (root / "configs").is_dir():
+        where = ", ".join(str(r) for r in search_roots()) if not Path(bundle_root).is_absolute() else str(root)
+        raise DataError(root, f"no MONAI bundle here (no configs/ folder); {bundle_root} was looked up in {where}")
+    return root
 
 
 def read_method(bundle_root: str | os.PathLike) -> dict:
@@ -129,7 +138,7 @@ def bundle_parser(bundle_root: str | os.PathLike, config_files: Sequence[str] = 
 
     A relative ``bundle_root`` is found by :func:`fedfms.paths.resolve_path`.
     """
-    root = resolve_path(bundle_root)
+    root = bundle_dir(bundle_root)
     parser = ConfigParser()
     parser.read_config([str(root / "configs" / name) for name in config_files])
     parser.read_meta(str(root / "configs" / "metadata.json"))
@@ -148,7 +157,7 @@ def bundle_workflow(bundle_root: str | os.PathLike, config_files: Sequence[str],
     What ``python -m monai.bundle run`` would build, for callers that drive it step by step
     (the federated client trains it round after round).
     """
-    root = resolve_path(bundle_root)
+    root = bundle_dir(bundle_root)
     workflow = ConfigWorkflow(
         config_file=[str(root / "configs" / name) for name in config_files],
         meta_file=str(root / "configs" / "metadata.json"),

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfms.bundle import read_method
+from fedfms.bundle import bundle_dir, read_method
 from fedfms.data.partition import unseen_site
 from fedfms.distillation.prestage import INIT_MODES
 from fedfms.errors import DataError
@@ -122,7 +122,7 @@ def _set_profile(args: dict, options: JobOptions) -> None:
 def _check_checkpoint(args: dict, options: JobOptions) -> None:
     """The paper profile of a foundation-model bundle needs its pretrained weights; say so now, not at round 0."""
     if options.profile == "paper" and not options.pretrained_checkpoint:
-        method = read_method(resolve_path(args["bundle_root"]))
+        method = read_method(bundle_dir(args["bundle_root"]))
         if "pretrained_checkpoint" not in method:
             raise ValueError(f"the paper profile of {args['bundle_root']} needs --pretrained-checkpoint (e.g. sam_vit_b_01ec64.pth)")
 

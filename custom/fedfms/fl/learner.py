@@ -23,7 +23,7 @@ from nvflare.app_common.abstract.model_learner import ModelLearner
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from fedfms.bundle import bundle_network, bundle_workflow, check_datalist, evaluate_checkpoint
+from fedfms.bundle import bundle_dir, bundle_network, bundle_workflow, check_datalist, evaluate_checkpoint
 from fedfms.data.partition import UNSEEN, client_datalists, unseen_site
 from fedfms.errors import DataError
 from fedfms.fl.exchange import exchanged_keys
@@ -113,7 +113,7 @@ class BundleLearner(ModelLearner):
             self._initialize_evaluate_only(folder)
             return
         check_datalist(folder / f"{self.datalist}.json", ("training", "validation"))  # before any work: names the file
-        self.info(f"site {self.site_name} trains on datalist {self.datalist} of {folder}")
+        self.info(f"site {self.site_name} trains bundle {bundle_dir(self.bundle_root)} on datalist {self.datalist} of {folder}")
         self.workflow = self._workflow([], "train", max_epochs=self.local_epochs)
         self.trainer = self.workflow.trainer
         self.evaluator = self.workflow.parser.get_parsed_content("validate#evaluator")
