@@ -5,7 +5,8 @@ import json
 import pytest
 
 from fedfms.cli import main
-from fedfms.fl.report import IncompleteRun, report
+from fedfms.errors import DataError
+from fedfms.fl.report import IncompleteRun, report, server_app_dir
 
 ROWS = [
     {"round": r, "site": s, "accepted": True, "bytes_received": 100, "global_val_dice": d, "local_val_dice": d}
@@ -56,3 +57,16 @@ def test_report_of_a_run_without_final_scores_is_an_error(tmp_path, capsys):
         report(app)
     assert main(["report", str(app)]) == 4
     assert "run ABORTED: Exception in workflow fedavg" in capsys.readouterr().out
+
+
+def test_report_finds_a_downloaded_job_result(tmp_path, capsys):
+    """`nvflare job download` / the FLARE API put the server's records in <download>/<job id>/workspace/app_server."""
+    _write(tmp_path / "download/5f1e-job/workspace/app_server")
+    for given in (tmp_path / "download/5f1e-job", tmp_path / "download"):
+        assert main(["report", str(given)]) == 0
+        assert "global model validation Dice" in capsys.readouterr().out
+    _write(tmp_path / "download/9a2c-job/workspace/app_server")
+    with pytest.raises(DataError, match=r"holds the results of several jobs \(5f1e-job, 9a2c-job\); give the one to report"):
+        server_app_dir(tmp_path / "download")
+    with pytest.raises(DataError, match=r"no round_metrics.json here, in server/simulate_job/app_server \(simulator\)"):
+        server_app_dir(tmp_path)

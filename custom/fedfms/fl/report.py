@@ -15,7 +15,8 @@ from pathlib import Path
 from fedfms.errors import DataError
 from fedfms.io import atomic_write, load_json
 
-SERVER_APP = Path("server", "simulate_job", "app_server")
+SERVER_APP = Path("server", "simulate_job", "app_server")  # in a simulator workspace
+DOWNLOADED_APP = Path("workspace", "app_server")  # in a downloaded job result
 PRESTAGE = "prestage.json"  # written by fedfms.fl.fminit.FMInstructedInit
 RUN_STATUS = "run_status.json"  # written by fedfms.fl.recorder.ContributionRecorder
 FINAL_TEST = "final_test.json"
@@ -27,12 +28,24 @@ class IncompleteRun(Exception):
 
 
 def server_app_dir(workspace: str | os.PathLike) -> Path:
-    """The server app folder of a simulator workspace (or the folder itself if given directly)."""
+    """The server app folder of a run, given any of the folders users have at hand.
+
+    A simulator workspace (``WS/server/simulate_job/app_server``), a job result downloaded with
+    ``nvflare job download`` or the FLARE API (``<download>/<job id>/workspace/app_server``, given
+    as ``<download>/<job id>`` or as ``<download>`` when it holds one job), or the app folder itself.
+    """
     workspace = Path(workspace)
-    for candidate in (workspace / SERVER_APP, workspace):
-        if (candidate / "round_metrics.json").is_file():
-            return candidate
-    raise DataError(workspace, f"no round_metrics.json here or in {SERVER_APP}; is this the workspace of a fedfms job?")
+    candidates = [workspace / SERVER_APP, workspace / DOWNLOADED_APP, workspace / "app_server", workspace]
+    found = [c for c in candidates if (c / "round_metrics.json").is_file()]
+    if found:
+        return found[0]
+    downloaded = sorted(p.parent for p in workspace.glob(f"*/{DOWNLOADED_APP}/round_metrics.json"))
+    if len(downloaded) == 1:
+        return downloaded[0]
+    if downloaded:
+        jobs = ", ".join(p.parents[1].name for p in downloaded)
+        raise DataError(workspace, f"holds the results of several jobs ({jobs}); give the one to report, e.g. {downloaded[0].parents[1]}")
+    raise DataError(workspace, f"no round_metrics.json here, in {SERVER_APP} (simulator) or in <job id>/{DOWNLOADED_APP} (downloaded job); is this a fedfms run?")
 
 
 def _fmt(value) -> str:
