@@ -115,7 +115,7 @@ def test_a_round_without_acceptable_updates_ends_the_run_on_the_last_good_model(
     assert "Round 6 started." not in log
     saved = torch.load(workspace / APP / "FL_global_model.pt", weights_only=False)
     assert saved["meta_props"]["completed_rounds"] == 5  # the global model of round 4, untouched by round 5
-    _assert_weighted_mean(tmp_path, workspace, 4, ["site-2", "site-3"])
+    _assert_weighted_mean(tmp_path, workspace, 3, ["site-2", "site-3"])
     initial = bundle_network("bundles/fedmsa_prostate", ["train.json", "cpu_demo.json"])
     assert torch.equal(torch.as_tensor(saved["model"][FROZEN]), initial.state_dict()[FROZEN])  # never overwritten
     final = {r["site"]: r for r in json.loads((workspace / APP / "final_test.json").read_text())}
@@ -142,7 +142,7 @@ FAILURES = [
 def failure_run(fl_data, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("failures")
     # 25 s: round 0's task time includes the sites' start-up (three processes importing torch on two cores).
-    job = drill_job(tmp_path, fl_data / "data", FAILURES, rounds=5, min_clients=2, timeout=25)
+    job = drill_job(tmp_path, fl_data / "data", FAILURES, rounds=4, min_clients=2, timeout=25)
     return tmp_path, simulate(job, tmp_path / "ws", expect_success=False), tmp_path / "ws"
 
 
@@ -151,13 +151,13 @@ def test_failed_silent_and_dead_sites_do_not_stop_the_run(failure_run):
     rows = _rows(workspace)
     assert rows[(1, "site-2")]["status"] == "failed" and "EXECUTION_EXCEPTION" in rows[(1, "site-2")]["reason"]
     assert rows[(2, "site-3")]["status"] == "timed_out"
-    assert rows[(3, "site-1")]["status"] == rows[(4, "site-1")]["status"] == "timed_out"  # dead from round 3 on
+    assert rows[(3, "site-1")]["status"] == "timed_out"  # dead from round 3 on (the final evaluation below too)
     assert rows[(3, "site-3")]["status"] == "accepted"  # back after hanging: joined the next round
     # NVFlare's client asks whether its task still stands before sending, so the hung answer is dropped there.
     assert {r for r, row in rows.items() if row["status"] == "late"} <= {(2, "site-3")}
     status = json.loads((workspace / APP / "run_status.json").read_text())
     assert status["status"] == "completed" and "Finished FedAvg." in log
-    _assert_weighted_mean(tmp_path, workspace, 4, ["site-2", "site-3"])
+    _assert_weighted_mean(tmp_path, workspace, 3, ["site-2", "site-3"])
     final = {r["site"]: r for r in json.loads((workspace / APP / "final_test.json").read_text())}
     assert final["site-1"].get("dice_2d") is None and "did not answer" in final["site-1"]["note"]
     assert all(0 <= final[s]["dice_2d"] <= 1 for s in ("site-2", "site-3")) and final["average"]["note"] == "2 of 3 sites"
