@@ -115,7 +115,7 @@ def test_a_round_without_acceptable_updates_ends_the_run_on_the_last_good_model(
     assert "Round 6 started." not in log
     saved = torch.load(workspace / APP / "FL_global_model.pt", weights_only=False)
     assert saved["meta_props"]["completed_rounds"] == 5  # the global model of round 4, untouched by round 5
-    _assert_weighted_mean(tmp_path, workspace, 3, ["site-2", "site-3"])
+    _assert_weighted_mean(tmp_path, workspace, 4, ["site-2", "site-3"])
     initial = bundle_network("bundles/fedmsa_prostate", ["train.json", "cpu_demo.json"])
     assert torch.equal(torch.as_tensor(saved["model"][FROZEN]), initial.state_dict()[FROZEN])  # never overwritten
     final = {r["site"]: r for r in json.loads((workspace / APP / "final_test.json").read_text())}

@@ -149,11 +149,11 @@ class BundleLearner(ModelLearner):
     def _initialize_evaluate_only(self, folder: Path) -> None:
         check_datalist(folder / f"{UNSEEN}.json", ("testing",))
         self.info(f"site {self.site_name} is the unseen site of {folder}: it only scores the final global model, never trains or sends weights")
-        self.network = bundle_network(self.bundle_root, self.config_files, **self._site_settings())
+        self.network = bundle_network(self.bundle_root, self.config_files, **self._bundle_overrides())
         self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
 
-    def _site_settings(self) -> dict:
-        """Bundle overrides that put this site's data in and its outputs inside the site's app folder."""
+    def _bundle_overrides(self) -> dict:
+        """Bundle overrides that put this site's data in, its outputs in :attr:`site_dir`, and its device (if set)."""
         device = {"device": f"$torch.device({self.settings.device!r})"} if self.settings.device else {}
         return {
             "dataset_dir": str(self.resolved_data),
@@ -166,7 +166,7 @@ class BundleLearner(ModelLearner):
         }
 
     def _workflow(self, extra_configs: list[str], workflow_type: str, **overrides) -> ConfigWorkflow:
-        return bundle_workflow(self.bundle_root, self.config_files + extra_configs, workflow_type, **{**self._site_settings(), **overrides})
+        return bundle_workflow(self.bundle_root, self.config_files + extra_configs, workflow_type, **{**self._bundle_overrides(), **overrides})
 
     def train(self, model: FLModel) -> FLModel:
         """Local epochs from the global weights; only the trainable parameters go back.
@@ -246,7 +246,7 @@ class BundleLearner(ModelLearner):
         checkpoint = self.site_dir / "models" / "global_model_for_test.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": self.network.state_dict()}, checkpoint)
-        return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, self.site_dir / "eval", **self._site_settings())
+        return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, self.site_dir / "eval", **self._bundle_overrides())
 
     def _train_local(self) -> None:
         """Continue the bundle's trainer for ``local_epochs`` more epochs (its state carries across rounds)."""
