@@ -31,8 +31,7 @@ from nvflare.lighter.utils import update_storage_locations
 
 from fedfms.cli import main
 from fedfms.fl.site_settings import SETTINGS_FILE
-from tests.fl.conftest import LOG_FAILURES, job_copy
-from tests.fl.test_jobs import _check_federated_run  # what every simulated job must show, judged here on the downloaded result
+from tests.fl.conftest import LOG_FAILURES, check_federated_run, job_copy  # a downloaded run is judged as a simulated one
 
 pytestmark = [
     pytest.mark.slow,  # provisions a project and runs real server and client processes
@@ -237,7 +236,7 @@ def deployment(tmp_path_factory):
 
 @dataclass
 class DownloadedRun:
-    """A job's result as the admin downloads it, in the shape ``_check_federated_run`` reads."""
+    """A job's result as the admin downloads it, in the shape ``check_federated_run`` reads."""
 
     app: Path  # <admin kit>/transfer/<job id>/workspace/app_server
     log: str  # the server job's log.txt
@@ -285,7 +284,7 @@ def test_provisioned_project_runs_the_fedunet_job(deployment, deploy_data, tmp_p
         # The admin's copy: <admin kit>/transfer/<job id>/{job,workspace}; the server app folder is workspace/app_server.
         assert result == kits.admin / "transfer" / job_id
         run = downloaded_run(result, deploy_data, job_dir)
-        _check_federated_run(run, rounds=[0, 1], sites=list(SITES))
+        check_federated_run(run, rounds=[0, 1], sites=list(SITES))
         model = torch.load(run.app / "FL_global_model.pt", weights_only=False)["model"]
         assert all(torch.isfinite(torch.as_tensor(v)).all() for v in model.values())
         rows = json.loads((run.app / "round_metrics.json").read_text())

@@ -1,16 +1,21 @@
 """Running shipped jobs through the real `nvflare simulator`, as a user would."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedfms.bundle import bundle_network
 from fedfms.data.partition import PartitionOptions, partition
 from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
+from fedfms.fl.exchange import exchanged_keys
 from fedfms.fl.job_config import JobOptions, configure_job
+from fedfms.fl.learner import site_datalist
 
 REPO = Path(__file__).resolve().parents[2]
 NVFLARE = Path(sys.executable).with_name("nvflare")
@@ -50,3 +55,45 @@ def fl_data(tmp_path_factory) -> Path:
     partition(root / "data", root / "data" / "partitions" / "natural", PartitionOptions(method="natural", proxy_fraction=0))
     partition(root / "data", root / "data" / "partitions" / "loso", PartitionOptions(method="loso", unseen_site="RUNMC", proxy_fraction=0))
     return root
+
+
+def exchanged(network, norm_statistics: str = "global") -> set[str]:
+    return set(exchanged_keys(network, norm_statistics))
+
+
+def exchanged_bytes(network, norm_statistics: str = "global") -> int:
+    state, keys = network.state_dict(), exchanged(network, norm_statistics)
+    return sum(state[k].numel() * state[k].element_size() for k in keys)
+
+
+def check_federated_run(run, rounds: list[int], sites: list[str], norm_statistics: str = "global") -> torch.nn.Module:
+    """What every job must show: exchanged-only change, accepted sample-weighted updates of the right size, test tables.
+
+    ``run`` has the server's app folder (``app``), its log, the data and partition it ran on
+    (``data``, ``datalist_dir``) and the job's ``bundle``: a simulated run or a downloaded one.
+    """
+    initial = bundle_network(run.bundle, ["train.json", "cpu_demo.json"])
+    travelling = exchanged(initial, norm_statistics)
+    assert f"global model: {len(travelling)} exchanged of {len(initial.state_dict())} tensors ({norm_statistics} normalisation statistics)" in run.log
+    saved = torch.load(run.app / "FL_global_model.pt", weights_only=False)
+    changed = {k for k, v in initial.state_dict().items() if not torch.equal(torch.as_tensor(saved["model"][k]), v)}
+    assert changed and changed <= travelling  # frozen weights never moved; trained ones did
+    assert saved["meta_props"]["completed_rounds"] == rounds[-1] + 1
+    folder = run.data / run.datalist_dir
+    samples = {site: len(json.loads((folder / f"{site_datalist(site, folder)}.json").read_text())["training"]) for site in sites}
+    aggregation = saved["meta_props"].get("metrics_aggregation_info", {})
+    if "site_weights" in aggregation:  # recorded by FedAvg's own aggregation (the LoRA-SVD aggregator has its own test)
+        assert {w["name"]: w["weight"] for w in aggregation["site_weights"]} == samples
+    # Every contribution was recorded and accepted, weighted by its samples, and carried exactly the exchanged bytes.
+    rows = [r for r in json.loads((run.app / "round_metrics.json").read_text()) if r["round"] in rounds]
+    assert sorted((r["round"], r["site"]) for r in rows) == sorted((n, s) for n in rounds for s in sites)
+    assert all(r["status"] == "accepted" and r["num_train_samples"] == samples[r["site"]] for r in rows)
+    size = exchanged_bytes(initial, norm_statistics)
+    assert {r["bytes_received"] for r in rows} == {size}
+    assert all(0 <= r["global_val_dice"] <= 1 for r in rows)
+    assert all(f"round {n} {site}: accepted=True, status=accepted, {size:,} bytes" in run.log for n in rounds for site in sites)
+    assert json.loads((run.app / "run_status.json").read_text())["status"] == "completed"
+    final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
+    assert set(sites) | {"average"} <= set(final)
+    assert final["average"]["dice_2d"] == pytest.approx(sum(final[s]["dice_2d"] for s in sites) / len(sites))
+    return initial

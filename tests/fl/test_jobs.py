@@ -11,13 +11,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from nvflare.apis.fl_constant import FLMetaKey
 
-from fedfms.bundle import bundle_network, evaluate_checkpoint
+from fedfms.bundle import evaluate_checkpoint
 from fedfms.cli import main
 from fedfms.errors import DataError
-from fedfms.fl.exchange import exchanged_keys
 from fedfms.fl.learner import site_datalist
 from fedfms.fl.site_settings import SETTINGS_ENV
-from tests.fl.conftest import APP, job_copy, simulate
+from tests.fl.conftest import APP, check_federated_run, exchanged, job_copy, simulate
 
 pytestmark = pytest.mark.slow  # every test here runs the real simulator or prepares its data
 
@@ -72,44 +71,6 @@ def _trainable(network) -> set[str]:
     return {n for n, p in network.named_parameters() if p.requires_grad}
 
 
-def _exchanged(network, norm_statistics: str = "global") -> set[str]:
-    return set(exchanged_keys(network, norm_statistics))
-
-
-def _exchanged_bytes(network, norm_statistics: str = "global") -> int:
-    state, keys = network.state_dict(), _exchanged(network, norm_statistics)
-    return sum(state[k].numel() * state[k].element_size() for k in keys)
-
-
-def _check_federated_run(run: Run, rounds: list[int], sites: list[str], norm_statistics: str = "global") -> torch.nn.Module:
-    """What every job must show: exchanged-only change, accepted sample-weighted updates of the right size, test tables."""
-    initial = bundle_network(run.bundle, ["train.json", "cpu_demo.json"])
-    exchanged = _exchanged(initial, norm_statistics)
-    assert f"global model: {len(exchanged)} exchanged of {len(initial.state_dict())} tensors ({norm_statistics} normalisation statistics)" in run.log
-    saved = torch.load(run.app / "FL_global_model.pt", weights_only=False)
-    changed = {k for k, v in initial.state_dict().items() if not torch.equal(torch.as_tensor(saved["model"][k]), v)}
-    assert changed and changed <= exchanged  # frozen weights never moved; trained ones did
-    assert saved["meta_props"]["completed_rounds"] == rounds[-1] + 1
-    folder = run.data / run.datalist_dir
-    samples = {site: len(json.loads((folder / f"{site_datalist(site, folder)}.json").read_text())["training"]) for site in sites}
-    aggregation = saved["meta_props"].get("metrics_aggregation_info", {})
-    if "site_weights" in aggregation:  # recorded by FedAvg's own aggregation (the LoRA-SVD aggregator has its own test)
-        assert {w["name"]: w["weight"] for w in aggregation["site_weights"]} == samples
-    # Every contribution was recorded and accepted, weighted by its samples, and carried exactly the exchanged bytes.
-    rows = [r for r in json.loads((run.app / "round_metrics.json").read_text()) if r["round"] in rounds]
-    assert sorted((r["round"], r["site"]) for r in rows) == sorted((n, s) for n in rounds for s in sites)
-    assert all(r["status"] == "accepted" and r["num_train_samples"] == samples[r["site"]] for r in rows)
-    size = _exchanged_bytes(initial, norm_statistics)
-    assert {r["bytes_received"] for r in rows} == {size}
-    assert all(0 <= r["global_val_dice"] <= 1 for r in rows)
-    assert all(f"round {n} {site}: accepted=True, status=accepted, {size:,} bytes" in run.log for n in rounds for site in sites)
-    assert json.loads((run.app / "run_status.json").read_text())["status"] == "completed"
-    final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
-    assert set(sites) | {"average"} <= set(final)
-    assert final["average"]["dice_2d"] == pytest.approx(sum(final[s]["dice_2d"] for s in sites) / len(sites))
-    return initial
-
-
 def _weighted_mean_of_sent(run: Run, round_: int, sites: list[str], key: str) -> torch.Tensor:
     updates = [torch.load(run.sent / f"{site}_round{round_}.pt", weights_only=False) for site in sites]
     weights = [u["meta"][FLMetaKey.NUM_STEPS_CURRENT_ROUND] for u in updates]
@@ -122,7 +83,7 @@ def fedmsa_run(fl_data, tmp_path_factory) -> Run:
 
 
 def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fedmsa_run, tmp_path):
-    _check_federated_run(fedmsa_run, rounds=[0, 1], sites=["site-1", "site-2", "site-3"])
+    check_federated_run(fedmsa_run, rounds=[0, 1], sites=["site-1", "site-2", "site-3"])
     app = fedmsa_run.app
     for site in ("site-1", "site-2", "site-3"):  # streamed to the server's TensorBoard through NVFlare's tracking API
         events = EventAccumulator(str(fedmsa_run.workspace / "server/simulate_job/tb_events" / site))
@@ -144,7 +105,7 @@ def test_restarted_server_resumes_its_rounds_records_and_best_model(fedmsa_run, 
     assert f"resuming from {saved / 'FL_global_model.pt'}, saved after 2 completed rounds" in resumed.log
     assert "resuming at round 2: 1 of 3 rounds left" in resumed.log
     assert "Round 2 started." in resumed.log and "Round 0 started." not in resumed.log and "Round 1 started." not in resumed.log
-    _check_federated_run(resumed, rounds=[2], sites=["site-1", "site-2", "site-3"])
+    check_federated_run(resumed, rounds=[2], sites=["site-1", "site-2", "site-3"])
     rows = json.loads((resumed.app / "round_metrics.json").read_text())
     assert rows[:6] == json.loads((saved / "round_metrics.json").read_text())  # the earlier rounds' records continue
     assert [r["round"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3
@@ -158,14 +119,14 @@ def test_restarted_server_resumes_its_rounds_records_and_best_model(fedmsa_run, 
 def test_flapsam_job_aggregates_lora_by_svd(fl_data, tmp_path):
     run = _run("flapsam_prostate", fl_data, tmp_path, rounds=1, data="data_stack5")
     assert "LoRA SVD aggregation of 3 clients over 18 layers: relative truncation error max" in run.log
-    _check_federated_run(run, rounds=[0], sites=["site-1", "site-2", "site-3"])
+    check_federated_run(run, rounds=[0], sites=["site-1", "site-2", "site-3"])
 
 
 def test_fedsam_job_runs_with_real_site_names_each_on_its_own_settings(fl_data, tmp_path):
     """Each hospital's own settings file points it at its data and output folder; the job's data path is never used."""
     settings = {site: {"dataset_dir": str(fl_data / "data"), "num_threads": 1, "device": "cpu", "output_dir": str(tmp_path / "out" / site)} for site in SITES}
     run = _run("fedsam_prostate", fl_data, tmp_path, rounds=1, clients=SITES, site_settings=settings)
-    initial = _check_federated_run(run, rounds=[0], sites=list(SITES))
+    initial = check_federated_run(run, rounds=[0], sites=list(SITES))
     for site in SITES:
         assert f"site settings of {site}: dataset_dir={fl_data / 'data'}, num_threads=1, device=cpu" in run.log
         assert (tmp_path / "out" / site / "simulate_job/eval/per_volume.csv").is_file()  # outputs where the site said
@@ -177,10 +138,10 @@ def test_fedunet_global_model_carries_the_sites_batch_norm_statistics(fl_data, t
     """FedU-Net: running statistics are averaged like the weights, and the final test scores the saved model itself."""
     sites = ["BMC", "RUNMC"]
     run = _run("fedunet_prostate", fl_data, tmp_path, rounds=1, clients=tuple(sites))
-    initial = _check_federated_run(run, rounds=[0], sites=sites)
+    initial = check_federated_run(run, rounds=[0], sites=sites)
     saved = torch.load(run.app / "FL_global_model.pt", weights_only=False)["model"]
     statistics = [k for k in initial.state_dict() if k.endswith(("running_mean", "running_var"))]
-    assert statistics and set(statistics) <= _exchanged(initial)
+    assert statistics and set(statistics) <= exchanged(initial)
     for key in statistics:
         torch.testing.assert_close(torch.as_tensor(saved[key]).double(), _weighted_mean_of_sent(run, 0, sites, key), rtol=1e-5, atol=1e-7)
     # final_test is the saved global model as it is: the same scores from the file itself
@@ -192,9 +153,9 @@ def test_fedunet_global_model_carries_the_sites_batch_norm_statistics(fl_data, t
 
 def test_fednnunet_with_local_normalisation_layers_fedbn(fl_data, tmp_path):
     run = _run("fednnunet_prostate", fl_data, tmp_path, rounds=1, clients=2, norm_statistics="local")
-    initial = _check_federated_run(run, rounds=[0], sites=["site-1", "site-2"], norm_statistics="local")
+    initial = check_federated_run(run, rounds=[0], sites=["site-1", "site-2"], norm_statistics="local")
     norm_keys = {k for k in initial.state_dict() if ".norm" in k}
-    assert norm_keys and not norm_keys & _exchanged(initial, "local")  # instance-norm layers stay at the sites
+    assert norm_keys and not norm_keys & exchanged(initial, "local")  # instance-norm layers stay at the sites
     final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
     assert all("FedBN" in final[s]["note"] for s in ("site-1", "site-2"))
 
@@ -202,7 +163,7 @@ def test_fednnunet_with_local_normalisation_layers_fedbn(fl_data, tmp_path):
 def test_leave_one_site_out_unseen_site_only_evaluates(fl_data, tmp_path):
     """RUNMC is a participant that never trains or sends weights and scores the final model on its own data."""
     run = _run("fedmsa_prostate_loso", fl_data, tmp_path, rounds=1, clients=("BMC", "I2CVB", "RUNMC"))
-    _check_federated_run(run, rounds=[0], sites=["BMC", "I2CVB"])
+    check_federated_run(run, rounds=[0], sites=["BMC", "I2CVB"])
     server = run.app / "config/config_fed_server.json"
     assert "dataset_dir" not in server.read_text()  # the server never reads a site's data
     assert {r["data"] for r in json.loads((run.app / "round_metrics.json").read_text())} == {"BMC", "I2CVB"}
