@@ -89,16 +89,21 @@ def test_inference_rejects_a_2d_image(standalone, trained, tmp_path):
     assert result.returncode != 0 and f"{flat}: is 2D" in result.stderr
 
 
-def test_local_baseline_uses_one_site(tiny_data):
+def test_local_baseline_uses_one_site(tiny_data, tmp_path):
     bundle = BUNDLES / "unet_prostate"
     workflow = ConfigWorkflow(
         config_file=[str(bundle / "configs" / "train.json"), str(bundle / "configs" / "cpu_demo.json")],
         workflow_type="train", bundle_root=str(bundle), logging_file=False,
-        dataset_dir=str(tiny_data / "data"), sites="RUNMC",
+        dataset_dir=str(tiny_data / "data"), sites="RUNMC", **_outputs(tmp_path),
     )
     workflow.initialize()
     samples = workflow.parser.get_parsed_content("train#dataset#data")
     assert samples and {s["site"] for s in samples} == {"RUNMC"}
+
+
+def _outputs(tmp_path) -> dict[str, str]:
+    """Where a workflow built on the repository's bundles writes (its TensorBoard writers start at initialize)."""
+    return {"output_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "eval"), "eval_dir": str(tmp_path / "eval")}
 
 
 @pytest.mark.slow
@@ -130,13 +135,13 @@ def test_a_datalist_naming_a_missing_file_stops_before_training(standalone, tiny
 
 @pytest.mark.parametrize("bundle", NAMES)
 @pytest.mark.parametrize("workflow,extra", [("train", ()), ("infer", ("evaluate.json",)), ("infer", ("inference.json",))])
-def test_monai_properties_are_complete(tiny_data, bundle, workflow, extra):
+def test_monai_properties_are_complete(tiny_data, tmp_path, bundle, workflow, extra):
     """check_properties instantiates the required components, so it runs on the CPU profile and tiny data."""
     configs = BUNDLES / bundle / "configs"
     files = [str(configs / (extra[0] if extra else "train.json")), str(configs / "cpu_demo.json")]  # each complete config alone
     wf = ConfigWorkflow(
         config_file=files, meta_file=str(configs / "metadata.json"), workflow_type=workflow, bundle_root=str(BUNDLES / bundle),
-        logging_file=False, dataset_dir=str(_data_dir(tiny_data, bundle)), input_dir=str(tiny_data / "raw" / "RUNMC"),
+        logging_file=False, dataset_dir=str(_data_dir(tiny_data, bundle)), input_dir=str(tiny_data / "raw" / "RUNMC"), **_outputs(tmp_path),
     )
     wf.initialize()
     assert wf.check_properties() == []
