@@ -29,7 +29,8 @@ def source_root() -> Path | None:
 
 def search_roots() -> list[Path]:
     """Where a relative path is looked up, in order."""
-    return [Path.cwd()] + ([source_root()] if source_root() else []) + [package_root()]
+    source = source_root()
+    return [Path.cwd()] + ([source] if source else []) + [package_root()]
 
 
 def resolve_path(path: str | os.PathLike) -> Path:

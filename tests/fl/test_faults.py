@@ -88,11 +88,16 @@ REASONS = {
 }
 
 
+def run_drill(fl_data: Path, tmp_path_factory, name: str, faults: list[dict], **options) -> tuple[Path, str, Path]:
+    """One drill in the simulator: its folder, the log, and the workspace."""
+    tmp_path = tmp_path_factory.mktemp(name)
+    job = drill_job(tmp_path, fl_data / "data", faults, **options)
+    return tmp_path, simulate(job, tmp_path / "ws", expect_success=False), tmp_path / "ws"
+
+
 @pytest.fixture(scope="module")
 def bad_update_run(fl_data, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("bad_updates")
-    job = drill_job(tmp_path, fl_data / "data", BAD_UPDATES, rounds=8, min_clients=1, timeout=120)
-    return tmp_path, simulate(job, tmp_path / "ws", expect_success=False), tmp_path / "ws"
+    return run_drill(fl_data, tmp_path_factory, "bad_updates", BAD_UPDATES, rounds=8, min_clients=1, timeout=120)
 
 
 def test_bad_updates_are_rejected_whole_with_their_reason(bad_update_run):
@@ -140,10 +145,8 @@ FAILURES = [
 
 @pytest.fixture(scope="module")
 def failure_run(fl_data, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("failures")
     # 25 s: round 0's task time includes the sites' start-up (three processes importing torch on two cores).
-    job = drill_job(tmp_path, fl_data / "data", FAILURES, rounds=4, min_clients=2, timeout=25)
-    return tmp_path, simulate(job, tmp_path / "ws", expect_success=False), tmp_path / "ws"
+    return run_drill(fl_data, tmp_path_factory, "failures", FAILURES, rounds=4, min_clients=2, timeout=25)
 
 
 def test_failed_silent_and_dead_sites_do_not_stop_the_run(failure_run):

@@ -148,10 +148,6 @@ class TrainableModelPersistor(PTFileModelPersistor):
             if array.is_floating_point() and not bool(torch.isfinite(array).all()):
                 raise ValueError(f"refusing to save the global model: {key} holds non-finite values")
 
-    def global_model_path(self) -> str:
-        """Where the full global model (``{"model": state_dict, ...}``) is saved each round."""
-        return self._ckpt_save_path
-
     def final_model(self, fl_ctx: FLContext) -> ModelLearnable | None:
         """The last saved global model (exchanged part), or None before any was saved."""
         learnable = self.get_model(DefaultCheckpointFileName.GLOBAL_MODEL, fl_ctx)
