@@ -204,7 +204,7 @@ def _add_params(commands: argparse._SubParsersAction) -> None:
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("report", help="tables and a Dice-per-round plot of a federated run")
-    p.add_argument("workspace", help="the simulator workspace (-w) or a server app folder")
+    p.add_argument("workspace", help="the simulator workspace (-w), a downloaded job result (<download>/<job id>), or a server app folder")
     p.add_argument("--png", help="where to write the plot (default: in the server app folder)")
     p.set_defaults(run=_report)
 
