@@ -228,6 +228,7 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--privacy-gamma", type=float, default=0.01, help="PercentilePrivacy: each shared change (per training sample) is clipped to +-gamma")
     p.add_argument("--datalist-dir", help="the partition inside the dataset folder, e.g. partitions/quantity")
     p.add_argument("--init-mode", choices=("random", "pretrain", "fm"), help="initial global model of a job with the FM-instructed-init pre-stage")
+    p.add_argument("--prestage-epochs", type=int, help="epochs of that pre-stage on the server's proxy set (the job's: 20)")
     p.set_defaults(run=_job)
 
 

@@ -19,7 +19,7 @@ from fedfms.fl.learner import site_datalist
 
 REPO = Path(__file__).resolve().parents[2]
 NVFLARE = Path(sys.executable).with_name("nvflare")
-LOG_FAILURES = ("Unsuccessful callback", "FOBS protocol error", "Could not start", "failed to download", "Traceback", "Empty result from client", "accepted=False")
+LOG_FAILURES = ("cannot find handler", "Error getting task", "Unsuccessful callback", "FOBS protocol error", "Could not start", "failed to download", "Traceback", "Empty result from client", "accepted=False")
 APP = Path("server/simulate_job/app_server")
 
 
@@ -28,10 +28,15 @@ def job_copy(job: str, tmp_path: Path, dataset_dir: Path, rounds: int, **options
     return configure_job(REPO / "jobs" / job, tmp_path / job, JobOptions(dataset_dir=str(dataset_dir), num_rounds=rounds, **options))
 
 
-def simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3, expect_success: bool = True, env: dict | None = None) -> str:
-    """Run the simulator from the repository root (``env``: added variables); on expected success, check the exit code and the log."""
+def simulate(job_dir: Path, workspace: Path, clients: int | tuple[str, ...] = 3, expect_success: bool = True, env: dict | None = None,
+             threads: int | None = None) -> str:
+    """Run the simulator from the repository root (``env``: added variables); on expected success, check the exit code and the log.
+
+    ``threads`` is the simulator's ``-t``, its number of client processes (default: one per site);
+    with fewer, every site runs each task in a process of its own.
+    """
     names = ["-c", ",".join(clients)] if isinstance(clients, tuple) else ["-n", str(clients)]
-    threads = len(clients) if isinstance(clients, tuple) else clients
+    threads = threads or (len(clients) if isinstance(clients, tuple) else clients)
     result = subprocess.run(
         [str(NVFLARE), "simulator", str(job_dir), "-w", str(workspace), *names, "-t", str(threads)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
@@ -55,6 +60,22 @@ def fl_data(tmp_path_factory) -> Path:
     partition(root / "data", root / "data" / "partitions" / "natural", PartitionOptions(method="natural", proxy_fraction=0))
     partition(root / "data", root / "data" / "partitions" / "loso", PartitionOptions(method="loso", unseen_site="RUNMC", proxy_fraction=0))
     return root
+
+
+@pytest.fixture(scope="session")
+def four_site_data(tmp_path_factory) -> Path:
+    """Four hospitals of four small cases, prepared at 64 px; one partition by site, each keeping a proxy case for the server."""
+    root = tmp_path_factory.mktemp("four_sites")
+    synthesize_prostate(root / "raw", sites=4, cases_per_site=4, seed=11, shape=(32, 32, 8))
+    prepare(root / "raw", root / "data", PrepareOptions(image_size=64, label_size=64), log=lambda _: None)
+    partition(root / "data", root / "data" / "partitions" / "natural", PartitionOptions(method="natural", proxy_fraction=0.5))
+    return root / "data"
+
+
+def same_model(first: Path, second: Path) -> bool:
+    """Two saved global models hold exactly the same values."""
+    a, b = (torch.load(path, weights_only=False)["model"] for path in (first, second))
+    return a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
 
 
 def exchanged(network, norm_statistics: str = "global") -> set[str]:

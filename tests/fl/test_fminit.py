@@ -3,6 +3,7 @@
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,31 +15,45 @@ from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
 from fedfms.fl.learner import site_datalist
 from fedfms.models import count_parameters
-from tests.fl.conftest import APP, REPO, job_copy, simulate
+from tests.fl.conftest import APP, REPO, check_federated_run, job_copy, same_model, simulate
 
 pytestmark = pytest.mark.slow
 
 STUDENT = "bundles/smlite_prostate"
 CONFIGS = ["train.json", "cpu_demo.json"]
 PARTITION = "partitions/age"
+HOSPITALS = "partitions/natural"
+PRESTAGE_EPOCHS = 5  # of the job's 20: enough to move the student, and the tests' runs stay short
 CLIENTS = ("site-1", "site-2", "site-3")
 
 
 @pytest.fixture(scope="module")
 def fm_data(tmp_path_factory) -> Path:
-    """Three sites of four cases prepared at 128 px; an age-skewed partition over 3 clients with one proxy case per site."""
+    """Four sites of four cases prepared at 128 px, one proxy case per site.
+
+    Partitions: skewed by age over 3 clients, and by hospital (4 clients); both carve the same proxy
+    cases, so the teacher runs once for the module and the other runs read its cache.
+    """
     root = tmp_path_factory.mktemp("fminit_data")
-    synthesize_prostate(root / "raw", sites=3, cases_per_site=4, seed=7, shape=(32, 32, 8))
+    synthesize_prostate(root / "raw", sites=4, cases_per_site=4, seed=7, shape=(32, 32, 8))
     prepare(root / "raw", root / "data", PrepareOptions(image_size=128, label_size=128), log=lambda _: None)
     options = PartitionOptions(method="attribute", attribute="age", num_clients=3, proxy_fraction=0.5)
     partition(root / "data", root / "data" / PARTITION, options)
+    partition(root / "data", root / "data" / HOSPITALS, PartitionOptions(method="natural", proxy_fraction=0.5))
     partition(root / "data", root / "data" / "partitions" / "no_proxy", PartitionOptions(method="natural", proxy_fraction=0))
     return root / "data"
 
 
-def _run(fm_data: Path, tmp_path: Path, init_mode: str, rounds: int = 1) -> tuple[str, Path]:
-    job = job_copy("fminit_prostate", tmp_path, fm_data, rounds, init_mode=init_mode)
-    return simulate(job, tmp_path / "ws"), tmp_path / "ws"
+def _run(fm_data: Path, tmp_path: Path, init_mode: str, rounds: int = 1, clients: int = 3, threads: int | None = None,
+         datalist_dir: str | None = None) -> tuple[str, Path]:
+    job = job_copy("fminit_prostate", tmp_path, fm_data, rounds, init_mode=init_mode, datalist_dir=datalist_dir, prestage_epochs=PRESTAGE_EPOCHS)
+    return simulate(job, tmp_path / "ws", clients, threads=threads), tmp_path / "ws"
+
+
+def _check_run(log: str, workspace: Path, data: Path, rounds: int, sites: int, datalist_dir: str = PARTITION) -> None:
+    """Every contribution of every round accepted, sample-weighted, and the final test table written."""
+    run = SimpleNamespace(app=workspace / APP, log=log, data=data, datalist_dir=datalist_dir, bundle=STUDENT)
+    check_federated_run(run, rounds=list(range(rounds)), sites=[f"site-{n}" for n in range(1, sites + 1)])
 
 
 def _validation_dice(checkpoint: Path, data: Path, site: str) -> float:
@@ -68,7 +83,7 @@ def _received(log: str) -> set[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def fm_run(fm_data, tmp_path_factory):
-    return _run(fm_data, tmp_path_factory.mktemp("fm"), "fm")
+    return _run(fm_data, tmp_path_factory.mktemp("fm"), "fm", rounds=2)
 
 
 def test_fm_prestage_distils_litemedsam_into_the_round_0_model(fm_run, fm_data):
@@ -100,6 +115,21 @@ def test_clients_receive_the_students_weights_and_nothing_else(fm_run, fm_data):
         assert f"global model received, {tensors} tensors, {values:,} values" in site_log
         assert "server_proxy" not in site_log and "teacher" not in site_log
         assert not list((workspace / site).rglob("teacher_*.pt"))
+
+
+def test_fm_job_on_one_client_process_computes_the_same_model(fm_run, fm_data, tmp_path):
+    """`-t 1`: a process per site task, the first of them already receiving the distilled student as torch tensors.
+    Every contribution is accepted and the final model is bit for bit the one of `-t 3` (the teacher comes from its cache)."""
+    log, workspace = _run(fm_data, tmp_path, "fm", rounds=2, threads=1)
+    _check_run(log, workspace, fm_data, rounds=2, sites=3)
+    assert same_model(workspace / APP / "initial_global_model.pt", fm_run[1] / APP / "initial_global_model.pt")
+    assert same_model(workspace / APP / "FL_global_model.pt", fm_run[1] / APP / "FL_global_model.pt")
+
+
+def test_fm_job_on_four_sites_with_two_client_processes(fm_run, fm_data, tmp_path):
+    log, workspace = _run(fm_data, tmp_path, "fm", rounds=2, clients=4, threads=2, datalist_dir=HOSPITALS)
+    assert "student after the fm pre-stage" in log and "teacher logits reused from" in log
+    _check_run(log, workspace, fm_data, rounds=2, sites=4, datalist_dir=HOSPITALS)
 
 
 def test_random_init_runs_no_prestage(fm_data, tmp_path):

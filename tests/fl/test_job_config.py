@@ -117,11 +117,12 @@ def test_fminit_job_gets_its_mode_partition_and_paper_epochs(tmp_path):
     _data(tmp_path, "partitions/quantity")
     out = configure_job(
         REPO / "jobs/fminit_prostate", tmp_path / "pretrain",
-        JobOptions(init_mode="pretrain", datalist_dir="partitions/quantity", num_rounds=4, dataset_dir=str(tmp_path / "data")),
+        JobOptions(init_mode="pretrain", datalist_dir="partitions/quantity", num_rounds=4, dataset_dir=str(tmp_path / "data"), prestage_epochs=7),
     )
     client, server = _configs(out)
     prestage, fedavg = _workflow_args(server, "fminit"), _workflow_args(server, "fedavg")
     assert prestage["mode"] == "pretrain" and fedavg["num_rounds"] == 4 and "num_rounds" not in prestage  # rounds go to FedAvg, not the pre-stage
+    assert prestage["epochs"] == 7
     learner = bundle_args(client)[0]
     assert learner["datalist_dir"] == prestage["datalist_dir"] == "partitions/quantity"
     assert learner["dataset_dir"] == prestage["dataset_dir"] == str(tmp_path / "data")
@@ -134,8 +135,12 @@ def test_fminit_job_gets_its_mode_partition_and_paper_epochs(tmp_path):
 def test_init_mode_needs_a_job_with_the_prestage(tmp_path):
     with pytest.raises(ValueError, match="--init-mode needs a job with the FMInstructedInit workflow"):
         configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "x", JobOptions(init_mode="fm"))
+    with pytest.raises(ValueError, match="--prestage-epochs needs a job with the FMInstructedInit workflow"):
+        configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "x", JobOptions(prestage_epochs=3))
     with pytest.raises(ValueError, match="unknown init mode"):
         JobOptions(init_mode="warm")
+    with pytest.raises(ValueError, match="prestage_epochs must be >= 1"):
+        JobOptions(prestage_epochs=0)
     assert not (tmp_path / "x").exists()
 
 

@@ -16,7 +16,7 @@ from fedfms.cli import main
 from fedfms.errors import DataError
 from fedfms.fl.learner import site_datalist
 from fedfms.fl.site_settings import SETTINGS_ENV
-from tests.fl.conftest import APP, check_federated_run, exchanged, job_copy, simulate
+from tests.fl.conftest import APP, check_federated_run, exchanged, job_copy, same_model, simulate
 
 pytestmark = pytest.mark.slow  # every test here runs the real simulator or prepares its data
 
@@ -39,11 +39,11 @@ class Run:
 
 
 def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tuple[str, ...] = 3, data: str = "data",
-         site_settings: dict[str, dict] | None = None, **options) -> Run:
+         site_settings: dict[str, dict] | None = None, threads: int | None = None, **options) -> Run:
     job_dir = job_copy(job, tmp_path, fl_data / data, rounds, **options)
     _record_outgoing(job_dir, tmp_path / "sent")
     env = _site_settings(job_dir, fl_data / data, tmp_path / "settings", site_settings) if site_settings else None
-    log = simulate(job_dir, tmp_path / "ws", clients, env=env)
+    log = simulate(job_dir, tmp_path / "ws", clients, env=env, threads=threads)
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())["components"][0]["args"]
     return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"], tmp_path / "sent")
 
@@ -95,6 +95,20 @@ def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fedmsa_run, 
     # The report reads those tables and draws the plot.
     assert main(["report", str(fedmsa_run.workspace)]) == 0
     assert (app / "dice_per_round.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fedmsa_job_on_one_client_process_computes_the_same_model(fedmsa_run, fl_data, tmp_path):
+    """`-t 1`, the simulator's default: every task of every site runs in a process of its own, and from round 1 the
+    global model arrives as torch tensors. Every contribution is accepted and the model is bit for bit the one of `-t 3`."""
+    run = _run("fedmsa_prostate", fl_data, tmp_path, rounds=2, threads=1)
+    assert run.log.count("ClientTaskWorker started to run") >= 9  # 2 rounds + the final test, 3 sites: a process per task
+    check_federated_run(run, rounds=[0, 1], sites=["site-1", "site-2", "site-3"])
+    assert same_model(run.app / "FL_global_model.pt", fedmsa_run.app / "FL_global_model.pt")
+
+
+def test_fedmsa_job_on_four_sites_with_two_client_processes(four_site_data, tmp_path):
+    run = _run("fedmsa_prostate", four_site_data.parent, tmp_path, rounds=2, clients=4, data=four_site_data.name, threads=2)
+    check_federated_run(run, rounds=[0, 1], sites=[f"site-{n}" for n in range(1, 5)])
 
 
 def test_restarted_server_resumes_its_rounds_records_and_best_model(fedmsa_run, tmp_path):

@@ -2,13 +2,16 @@
 
 NVFlare's ``FedAvg`` waits for every sampled site forever, adds any result it gets (a failed one
 aborts the run) and keeps no record of what it refused. :class:`ResumableFedAvg` keeps FedAvg's
-machinery (its in-time weighted aggregation or a configured ``ModelAggregator``, the persistor,
+machinery (its weighted aggregation or a configured ``ModelAggregator``, the persistor,
 the events the model selector and TensorBoard receiver listen to) and changes the round loop:
 
 * each round's task has ``task_timeout`` seconds; once ``min_clients`` sites have answered, the
   others get the rest of that time, and a site that answers later is recorded ``late``;
 * every update goes through the :class:`~fedfms.fl.update_check.UpdateValidator` before it can
   be added, so a bad one is refused whole, whatever the order of arrival;
+* the accepted updates are added when the round's task ends, in the order of the site names, so
+  the global model does not depend on the order the sites answered in (the simulator's thread
+  count, the sites' speeds): floating-point sums depend on their order;
 * a site whose task fails is recorded and the round goes on without it;
 * a round with fewer than ``min_clients`` acceptable updates leaves the global model as it was
   and ends the rounds, so the workflows after FedAvg (final evaluation) still run on the last
@@ -37,6 +40,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
 from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
 from fedfms.fl.persistor import COMPLETED_ROUNDS
@@ -85,6 +90,7 @@ class ResumableFedAvg(FedAvg):
             raise ValueError("ResumableFedAvg runs every round: early stopping (stop_cond) is not supported")
         kwargs.setdefault("ignore_result_error", True)
         super().__init__(*args, **kwargs)
+        fobs.register(TensorDecomposer)  # sites' updates arrive as torch tensors, from the first one on
         if min_clients < 1 or task_timeout < 0:
             raise ValueError(f"need min_clients >= 1 and task_timeout >= 0, got {min_clients} and {task_timeout}")
         self.min_clients = min_clients
@@ -95,6 +101,7 @@ class ResumableFedAvg(FedAvg):
         self.validator: UpdateValidator | None = None
         self.recorder: ContributionRecorder | None = None
         self._outcomes: dict[str, str] = {}  # this round: site -> status
+        self._accepted: dict[str, FLModel] = {}  # this round: site -> its checked update, not yet added
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
@@ -167,10 +174,10 @@ class ResumableFedAvg(FedAvg):
             time.sleep(self._task_check_period)
         for site in sorted(set(clients) - set(self._outcomes)):
             self._record(site, "timed_out", f"no answer within the task timeout of {self.task_timeout} s")
-        if self._received_count < self.min_clients:
+        if len(self._accepted) < self.min_clients:
             kept = f"as it was after round {self.current_round - 1}" if self.current_round > start_of(model) else "the initial model"
             reason = (
-                f"round {self.current_round}: {self._received_count} acceptable updates of {len(clients)} sites, fewer than "
+                f"round {self.current_round}: {len(self._accepted)} acceptable updates of {len(clients)} sites, fewer than "
                 f"min_clients {self.min_clients}; the global model stays {kept}"
             )
             self.error(f"the rounds end early: {reason}")
@@ -179,6 +186,8 @@ class ResumableFedAvg(FedAvg):
         return True
 
     def _aggregated(self, model: FLModel) -> FLModel:
+        for site in sorted(self._accepted):  # FedAvg's own aggregation (or the configured aggregator), in a fixed order
+            super()._aggregate_one_result(self._accepted.pop(site))
         self.event(AppEventType.BEFORE_AGGREGATION)
         aggregate_results = self._get_aggregated_result()
         self.fire_event_with_data(AppEventType.AFTER_AGGREGATION, self.fl_ctx, AppConstants.AGGREGATION_RESULT, aggregate_results)
@@ -204,19 +213,19 @@ class ResumableFedAvg(FedAvg):
             self._all_metrics = True
         self._received_count, self._expected_count = 0, expected
         self._params_type, self._site_metric_weights = None, {}
-        self._outcomes = {}
+        self._outcomes, self._accepted = {}, {}
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
-        """Check the update first: only an acceptable one reaches FedAvg's aggregation."""
+        """Check the update as it arrives; an acceptable one is kept for the round's aggregation."""
         site = _get_client_name(result)
         reason = self.validator.check(site, result) if result.params else "the update holds no parameters"
         if reason:
             self._record(site, "rejected", reason, result)
             return False
-        accepted = super()._aggregate_one_result(result)
+        self._accepted[site] = result
         self.validator.remember(site, result)
         self._record(site, "accepted", None, result)
-        return accepted
+        return True
 
     def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False) -> bool:
         accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)

@@ -9,7 +9,8 @@ persistor), so it is one command instead of hand edits::
 
 ``--datalist-dir`` points every bundle user (learner, pre-stage) at another partition of the same
 data; ``--init-mode`` chooses how a job with the FM-instructed-init workflow
-(``jobs/fminit_prostate``) starts: ``random``, ``pretrain`` or ``fm``. A leave-one-site-out job
+(``jobs/fminit_prostate``) starts: ``random``, ``pretrain`` or ``fm``, and ``--prestage-epochs``
+how long that pre-stage trains the student on the server's proxy set. A leave-one-site-out job
 (``evaluate_only_sites`` in its server workflows) takes its evaluate-only site from the partition's
 ``unseen.json`` under ``--dataset-dir``, or from ``--evaluate-only SITE`` when the data is elsewhere.
 
@@ -56,6 +57,7 @@ class JobOptions:
     resume_from: str | None = None
     datalist_dir: str | None = None  # the partition inside dataset_dir, e.g. partitions/quantity
     init_mode: str | None = None  # random, pretrain or fm: jobs with an FM-instructed-init workflow
+    prestage_epochs: int | None = None  # epochs of that workflow's pre-stage on the proxy set
     task_timeout: int | None = None  # seconds per round's task (and the final evaluation); paper profile: 6 h
     min_clients: int | None = None  # acceptable updates a round needs (also meta.json's min_clients)
     norm_statistics: str | None = None  # global (exchanged) or local (FedBN)
@@ -77,7 +79,7 @@ class JobOptions:
             raise DataError(self.dataset_dir, "no prepared data folder here (--dataset-dir); run `fedfms prepare` first")
         if self.norm_statistics not in (None, *NORM_STATISTICS):
             raise ValueError(f"unknown norm statistics {self.norm_statistics!r}; choose from {', '.join(NORM_STATISTICS)}")
-        for name in ("num_rounds", "local_epochs", "min_clients"):
+        for name in ("num_rounds", "local_epochs", "min_clients", "prestage_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -155,11 +157,7 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
             args["datalist_dir"] = options.datalist_dir
         if options.dataset_dir and "datalist_dir" in args:
             check_partition(args["dataset_dir"], args["datalist_dir"])
-    if options.init_mode:
-        prestage = _workflow(server, FMINIT_WORKFLOW)
-        if prestage is None:
-            raise ValueError(f"--init-mode needs a job with the {FMINIT_WORKFLOW} workflow, such as jobs/fminit_prostate")
-        prestage["mode"] = options.init_mode
+    _set_prestage(server, options)
     fedavg = _workflow(server, "FedAvg")
     paper = options.profile == "paper"
     if options.num_rounds or paper:
@@ -182,6 +180,20 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
     if options.resume_from:
         for component_id in RESUMING_COMPONENTS:
             _component(server, component_id)["args"]["resume_from"] = str(Path(options.resume_from).resolve())
+
+
+def _set_prestage(server: dict, options: JobOptions) -> None:
+    """How a job with the FM-instructed-init workflow makes its initial model."""
+    if options.init_mode is None and options.prestage_epochs is None:
+        return
+    prestage = _workflow(server, FMINIT_WORKFLOW)
+    if prestage is None:
+        flag = "--init-mode" if options.init_mode else "--prestage-epochs"
+        raise ValueError(f"{flag} needs a job with the {FMINIT_WORKFLOW} workflow, such as jobs/fminit_prostate")
+    if options.init_mode:
+        prestage["mode"] = options.init_mode
+    if options.prestage_epochs:
+        prestage["epochs"] = options.prestage_epochs
 
 
 def _set_evaluate_only(server: dict, learner: dict, options: JobOptions) -> None:

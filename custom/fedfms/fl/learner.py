@@ -7,16 +7,25 @@ ModelLearnerExecutor calls before training), trains ``local_epochs`` with the bu
 trainer (loss, optimiser, handlers and its per-epoch validation), and sends back only the trainable
 parameters, weighted by its number of training samples. Train loss and validation Dice are
 streamed to the server's TensorBoard through NVFlare's tracking API (a ``TBWriter`` component).
+
+A round's local training depends only on the global model, the site's data, the round and the
+seed: it starts with a fresh optimiser state and random streams seeded from (seed, datalist,
+round). A site's process may therefore be a new one every round, as the NVFlare simulator makes it
+when it runs fewer client processes than sites (``-t`` below ``-n``) or as a restarted hospital
+process is, and the federation still computes the same model.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zlib
 from pathlib import Path
 
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.data.utils import set_rnd
+from monai.utils import set_determinism
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model_learner import ModelLearner
@@ -71,6 +80,7 @@ class BundleLearner(ModelLearner):
         send_weight_diff: send the change of the weights in this round (NVFlare's WEIGHT_DIFF)
             instead of the weights, as NVFlare's percentile and SVT privacy filters need.
         overrides: further bundle config overrides (e.g. ``{"batch_size": 4}``).
+        seed: base of each round's random seed (:meth:`round_seed`).
     """
 
     def __init__(
@@ -85,8 +95,13 @@ class BundleLearner(ModelLearner):
         norm_statistics: str = "global",
         send_weight_diff: bool = False,
         overrides: dict | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        # The first task may already carry torch tensors (NVFlare's TensorDecomposer downloads them),
+        # and a site process started for one task (simulator -t below -n) receives it before initialize().
+        fobs.register(TensorDecomposer)
+        self.seed = seed
         exchanged_keys(torch.nn.Identity(), norm_statistics)  # validates the option
         self.norm_statistics = norm_statistics
         self.send_weight_diff = send_weight_diff
@@ -104,7 +119,6 @@ class BundleLearner(ModelLearner):
         self.settings = SiteSettings()
 
     def initialize(self) -> None:
-        fobs.register(TensorDecomposer)  # torch tensors travel as tensors, as NVFlare's PT components send them
         self._apply_site_settings()
         folder = self.resolved_data / self.datalist_dir
         self.datalist = site_datalist(self.site_name, folder)
@@ -248,9 +262,25 @@ class BundleLearner(ModelLearner):
         torch.save({"model": self.network.state_dict()}, checkpoint)
         return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, self.site_dir / "eval", **self._bundle_overrides())
 
+    def round_seed(self) -> int:
+        """This round's seed at this site's data: the same whichever process runs the round."""
+        return zlib.crc32(f"{self.seed}/{self.datalist}/{self.current_round or 0}".encode())
+
     def _train_local(self) -> None:
-        """Continue the bundle's trainer for ``local_epochs`` more epochs (its state carries across rounds)."""
+        """``local_epochs`` epochs of the bundle's trainer, from a state that depends only on the round.
+
+        The optimiser's moments start empty, the random streams (torch, NumPy, Python and the
+        random transforms of the training data) are seeded by :meth:`round_seed`, and the epoch
+        count continues the global one (round x local_epochs), as a process kept since round 0
+        would have it: checkpoints and the site's own TensorBoard line up whatever ran them.
+        """
+        self.trainer.optimizer.state.clear()
+        seed = self.round_seed()
+        set_determinism(seed)
+        set_rnd(self.trainer.data_loader.dataset, seed)
         state = self.trainer.state
+        state.epoch = (self.current_round or 0) * self.local_epochs
+        state.iteration = state.epoch * (state.epoch_length or len(self.trainer.data_loader))
         state.max_epochs = state.epoch + self.local_epochs
         self.trainer.run()
         self._track("train_loss", float(state.output[0]["loss"]) if isinstance(state.output, list) else float(state.output["loss"]))
