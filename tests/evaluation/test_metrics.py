@@ -1,11 +1,14 @@
-"""slice_scores and volume_dice against hand-computed values, including the empty-slice rule."""
+"""slice_scores, volume_dice and volume_hd95 against hand-computed values, including the empty rules."""
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import pytest
 import torch
 
-from fedfms.evaluation import slice_scores, volume_dice
+from fedfms.evaluation import slice_scores, volume_dice, volume_hd95
 
 
 def masks(*pixel_sets: list[tuple[int, int]], size: int = 4) -> torch.Tensor:
@@ -58,3 +61,58 @@ def test_volume_dice_pools_voxels_and_applies_empty_rule():
     empty = torch.zeros(2, 4, 4, dtype=torch.bool)
     assert volume_dice(empty, empty) == 1.0
     assert volume_dice(label[:2], empty) == 0.0
+
+
+def voxels(*points: tuple[int, int, int], shape: tuple[int, int, int] = (3, 8, 8)) -> torch.Tensor:
+    """(D, H, W) bool volume with foreground at ``points``."""
+    out = torch.zeros(shape, dtype=torch.bool)
+    for point in points:
+        out[point] = True
+    return out
+
+
+def test_hd95_units_are_voxels_of_the_grid():
+    """Unit spacing: in-plane distances are pixels, depth distances slice-index steps."""
+    assert volume_hd95(voxels((1, 2, 2)), voxels((1, 2, 5))) == 3.0  # same slice, 3 pixels apart
+    assert volume_hd95(voxels((0, 2, 2)), voxels((2, 2, 2))) == 2.0  # same pixel, 2 slices apart
+    assert volume_hd95(voxels((0, 0, 0)), voxels((1, 1, 1))) == pytest.approx(math.sqrt(3))
+
+
+def test_hd95_of_a_shifted_square():
+    """A 4x4 square moved 2 pixels: a quarter of each edge set is 2 away, a quarter 1 away, half 0.
+
+    16 distances each way, sorted 8 x 0, 4 x 1, 4 x 2: the 95th percentile (position 0.95 * 15 =
+    14.25) is 2; every voxel is an edge, the volume being one slice deep.
+    """
+    label = torch.zeros(1, 10, 10, dtype=torch.bool)
+    label[0, 2:6, 2:6] = True
+    pred = torch.roll(label, 2, dims=-1)
+    assert volume_hd95(pred, label) == 2.0
+    assert volume_hd95(label, label) == 0.0
+
+
+def test_hd95_is_the_95th_percentile_not_the_maximum():
+    """19 voxels on a line, found, plus one false positive 10 pixels away: 20 distances pred -> label,
+    19 x 0 and 1 x 10; position 0.95 * 19 = 18.05 interpolates 0 + 0.05 * 10 = 0.5 (the maximum is 10)."""
+    label = torch.zeros(1, 12, 20, dtype=torch.bool)
+    label[0, 0, :19] = True
+    pred = label.clone()
+    pred[0, 10, 0] = True
+    assert volume_hd95(pred, label) == pytest.approx(0.5, abs=1e-5)  # MONAI works in float32
+
+
+def test_hd95_is_nan_when_label_or_prediction_is_empty():
+    """No distance to nothing: NaN (not MONAI's NaN/inf with a warning), whatever Dice says."""
+    empty, organ = voxels(), voxels((1, 2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for pred, label in ((organ, empty), (empty, organ), (empty, empty)):
+            assert math.isnan(volume_hd95(pred, label))
+    assert volume_dice(empty, empty) == 1.0 and volume_dice(organ, empty) == 0.0
+
+
+def test_hd95_rejects_probabilities_and_2d_masks():
+    with pytest.raises(ValueError, match="binary"):
+        volume_hd95(torch.full((1, 4, 4), 0.7), voxels((0, 1, 1), shape=(1, 4, 4)))
+    with pytest.raises(ValueError, match="D, H, W"):
+        volume_hd95(torch.zeros(4, 4), torch.zeros(4, 4))

@@ -1,6 +1,8 @@
-"""VolumeAssembler: 3D Dice from slices, averaging of overlapping windows, gaps."""
+"""VolumeAssembler: 3D Dice and HD95 from slices, averaging of overlapping windows, gaps."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ def test_perfect_slices_score_one():
     assembler = VolumeAssembler()
     for k in reversed(range(len(label))):  # order of arrival does not matter
         assembler.add("A", "c0", k, label[k].float(), label[k])
-    assert assembler.results() == [{"site": "A", "case": "c0", "dice_3d": 1.0, "num_slices": 4}]
+    assert assembler.results() == [{"site": "A", "case": "c0", "dice_3d": 1.0, "hd95_3d": 0.0, "num_slices": 4}]
 
 
 def test_partial_overlap_hand_computed():
@@ -36,6 +38,19 @@ def test_partial_overlap_hand_computed():
         assembler.add("A", "c0", k, prob[k], label[k][None])
     [row] = assembler.results()
     assert row["dice_3d"] == pytest.approx(2 * 6 / (7 + 8))
+    # HD95, all voxels being edges of these thin masks. pred -> label: 6 found voxels at 0 and the
+    # false positive (3, 0, 0) at sqrt(3) from (2, 1, 1); 7 distances, position 0.95 * 6 = 5.7:
+    # 0.7 * sqrt(3). label -> pred: the 2 missed voxels of slice 2 are 1 away: 95th percentile 1.
+    assert row["hd95_3d"] == pytest.approx(0.7 * math.sqrt(3))
+
+
+def test_hd95_of_a_volume_with_an_empty_label_is_nan():
+    """Dice scores the false positive of an empty volume 0; HD95 has no distance to give."""
+    assembler = VolumeAssembler()
+    for k in range(2):
+        assembler.add("A", "c0", k, torch.ones(4, 4), torch.zeros(4, 4))
+    [row] = assembler.results()
+    assert row["dice_3d"] == 0.0 and math.isnan(row["hd95_3d"])
 
 
 def test_overlapping_predictions_are_averaged():
@@ -78,7 +93,7 @@ def test_centre_labels_only_with_stack_predictions():
     assembler = VolumeAssembler()
     for k, stack in enumerate(torch.as_tensor(stack_indices(depth, n))):
         assembler.add("A", "c0", k, label[stack].float(), label[k][None])
-    assert assembler.results() == [{"site": "A", "case": "c0", "dice_3d": 1.0, "num_slices": depth}]
+    assert assembler.results() == [{"site": "A", "case": "c0", "dice_3d": 1.0, "hd95_3d": 0.0, "num_slices": depth}]
 
 
 def test_gaps_raise_with_the_case_and_missing_slices():

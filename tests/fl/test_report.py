@@ -70,3 +70,26 @@ def test_report_finds_a_downloaded_job_result(tmp_path, capsys):
         server_app_dir(tmp_path / "download")
     with pytest.raises(DataError, match=r"no round_metrics.json here, in server/simulate_job/app_server \(simulator\)"):
         server_app_dir(tmp_path)
+
+
+def test_report_tables_state_their_rules(tmp_path, capsys):
+    """The validation title says MeanDice ignores empty-label slices; the final table names each column's rule."""
+    _write(tmp_path)
+    final = [
+        {"site": "site-1", "dice_2d": 0.5, "iou_2d": 0.4, "dice_3d": 0.6, "dice_2d_fg": 0.7, "fp_rate_empty": None, "hd95_3d": 3.25, "note": None},
+        {"site": "average", "dice_2d": 0.5, "iou_2d": 0.4, "dice_3d": 0.6, "note": "1 of 1 sites"},  # written before the new columns
+    ]
+    (tmp_path / "final_test.json").write_text(json.dumps(final))
+    assert main(["report", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "global model validation Dice (scored at each site before local training; MONAI MeanDice over the validation slices with organ: empty-label slices are ignored)" in lines
+    title = lines.index("final global model on each site's test split")
+    assert lines[title + 1 : title + 8] == [
+        "  dice_2d, iou_2d: all slices, empty-slice rule (empty label: 1 if nothing predicted, else 0); dice_3d: per volume, same rule",
+        "  dice_2d_fg: slices with organ only; fp_empty: share of empty slices with predicted foreground",
+        "  hd95: 95th-percentile Hausdorff distance per volume, pixels of the prepared label grid (not mm), volumes with an empty label or prediction left out",
+        "  - : no value (e.g. fp_empty of a site without empty slices); average: over the sites with a value",
+        "site                 dice_2d      iou_2d     dice_3d  dice_2d_fg    fp_empty        hd95",
+        "site-1                0.5000      0.4000      0.6000      0.7000           -      3.2500",
+        "average               0.5000      0.4000      0.6000           -           -           -  1 of 1 sites",
+    ]

@@ -1,10 +1,11 @@
-"""Per-volume 3D Dice from the 2D predictions of prepared samples (FLAP-SAM's protocol).
+"""Per-volume 3D Dice (FLAP-SAM's protocol) and HD95 from the 2D predictions of prepared samples.
 
 A prepared sample is one slice of a case, or an N-slice stack centred on it (see
 :func:`fedfms.transforms.stack_indices`). :class:`VolumeAssembler` puts the predictions of a case's
 samples back into a (D, H, W) volume and scores it against the label volume rebuilt from the same
 samples. The volume therefore has the prepared label resolution in-plane (e.g. 256 x 256) and the
-source depth; it is not resampled back to the original image grid.
+source depth; it is not resampled back to the original image grid, so its HD95 is in voxels of that
+grid (pixels of the prepared label grid in-plane, slice-index steps in depth), not in millimetres.
 
 - Predictions are foreground probabilities, not logits: the mean of probabilities is the usual
   ensemble of overlapping windows, and it stays in [0, 1] so 0.5 keeps its meaning.
@@ -13,7 +14,8 @@ source depth; it is not resampled back to the original image grid.
   end of the volume repeat the first or last slice, as in ``stack_indices``, and count for that slice.
 - The mean probability is thresholded at > 0.5 (the same as argmax for two-class softmax) and
   compared with the label volume by :func:`~fedfms.evaluation.metrics.volume_dice`, whose
-  empty-label rule is that of the 2D scores.
+  empty-label rule is that of the 2D scores, and by :func:`~fedfms.evaluation.metrics.volume_hd95`,
+  NaN when the label or the thresholded prediction of the volume is empty.
 - A case's depth is its highest centre slice + 1, and every slice below must be the centre of some
   sample, otherwise :meth:`VolumeAssembler.results` raises. Slices missing at the top of a volume
   cannot be told from a shorter volume: evaluate datalists prepared with empty slices kept (the
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedfms.evaluation.metrics import volume_dice
+from fedfms.evaluation.metrics import volume_dice, volume_hd95
 
 
 @dataclass
@@ -85,7 +87,9 @@ class VolumeAssembler:
         buffer.centres.add(slice_index)
 
     def results(self) -> list[dict]:
-        """One row per case, sorted by site and case: ``site, case, dice_3d, num_slices``.
+        """One row per case, sorted by site and case: ``site, case, dice_3d, hd95_3d, num_slices``.
+
+        ``hd95_3d`` is NaN for a volume whose label or prediction is empty (:func:`volume_hd95`).
 
         Raises:
             ValueError: a case has slices below its highest one that no sample was centred on.
@@ -108,4 +112,5 @@ class VolumeAssembler:
             counts[-1] += buffer.counts[i]
         probability = torch.stack(sums) / torch.tensor(counts, dtype=torch.float32)[:, None, None]
         label = torch.stack([buffer.labels[i] for i in range(depth)])
-        return {"site": site, "case": case, "dice_3d": volume_dice(probability > 0.5, label), "num_slices": depth}
+        pred = probability > 0.5
+        return {"site": site, "case": case, "dice_3d": volume_dice(pred, label), "hd95_3d": volume_hd95(pred, label), "num_slices": depth}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from nvflare.apis.fl_constant import FLContextKey
@@ -20,9 +21,15 @@ FEDBN_NOTE = "scored with the site's own normalisation layers (FedBN), not the s
 class FinalEvaluation(ModelController):
     """Sends the last global model with ``meta["split"] = "testing"`` to every client's validate task.
 
-    Each site answers with its test-set scores (2D Dice and IoU per slice, 3D Dice per volume,
-    written in full at the site); the server writes one row per site and the mean over the sites
-    that answered to ``<app_server>/<file_name>.csv`` and ``.json``. A site that fails or does
+    Each site answers with its test-set scores, ``TEST_METRICS`` (written in full at the site,
+    see :mod:`fedfms.evaluation.report`): 2D Dice and IoU per slice and 3D Dice per volume under
+    the empty-slice rule (an empty label scores 1 if nothing is predicted, else 0), 2D Dice over
+    slices with organ only (``dice_2d_fg``), the share of empty slices with predicted foreground
+    (``fp_rate_empty``) and HD95 per volume in pixels of the prepared label grid (``hd95_3d``).
+    The server writes one row per site and the mean over the sites that answered to
+    ``<app_server>/<file_name>.csv`` and ``.json``. A metric a site could not define (NaN there:
+    no empty test slice, no volume with an HD95) is written as null / an empty cell, and the
+    average of each metric is over the sites where it is defined. A site that fails or does
     not answer within ``task_timeout`` seconds gets a row saying so; the others' scores are kept.
     Under FedBN (``norm_statistics: local`` in the persistor) every row says that the site scored
     the global weights with its own normalisation layers. The ``evaluate_only_sites`` of a
@@ -62,7 +69,7 @@ class FinalEvaluation(ModelController):
             timeout=self.task_timeout, wait_time_after_min_received=self.task_timeout,
         )
         note = FEDBN_NOTE if getattr(self.persistor, "norm_statistics", "global") == "local" else None
-        scored = {r.meta.get("client_name"): {**(r.metrics or {}), "note": note} for r in results if r.metrics}
+        scored = {r.meta.get("client_name"): {**_nan_as_none(r.metrics), "note": note} for r in results if r.metrics}
         if not scored:
             self.error(f"no site scored the final global model within {self.task_timeout} s: no final test table")
             return
@@ -88,6 +95,12 @@ class FinalEvaluation(ModelController):
         save_csv(folder / f"{self.file_name}.csv", rows, COLUMNS)
 
 
+def _nan_as_none(metrics: dict) -> dict:
+    """A site's scores with NaN (a metric undefined at that site) as None: JSON has no NaN, and None reads "-"."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+
+
 def _mean(values: list) -> float | None:
-    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    """Mean of the defined numbers among ``values`` (None, NaN and non-numbers are skipped); None if there are none."""
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
     return sum(numbers) / len(numbers) if numbers else None

@@ -1,9 +1,10 @@
 """``fedfms report WS``: the tables a federated run wrote, and Dice per round per site as a PNG.
 
 Tables: how the initial global model was made (FM-instructed-init jobs), how the run ended, the
-global model's validation Dice per round and site, every contribution that was not accepted and
-why, the bytes exchanged, and the final test scores. A run without final test scores is
-reported as incomplete (:class:`IncompleteRun`, a non-zero exit of ``fedfms report``).
+global model's validation Dice per round and site (MONAI MeanDice: slices with organ only), every
+contribution that was not accepted and why, the bytes exchanged, and the final test scores (with
+the rule of each column under the title). A run without final test scores is reported as
+incomplete (:class:`IncompleteRun`, a non-zero exit of ``fedfms report``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ PRESTAGE = "prestage.json"  # written by fedfms.fl.fminit.FMInstructedInit
 RUN_STATUS = "run_status.json"  # written by fedfms.fl.recorder.ContributionRecorder
 FINAL_TEST = "final_test.json"
 STATUS_ORDER = ("accepted", "rejected", "failed", "timed_out", "late")
+# Validation is the bundles' dice_metric: MONAI MeanDice with its default ignore_empty=True.
+VALIDATION_RULE = "MONAI MeanDice over the validation slices with organ: empty-label slices are ignored"
+FINAL_COLUMNS = {  # key in final_test.json -> column heading
+    "dice_2d": "dice_2d", "iou_2d": "iou_2d", "dice_3d": "dice_3d", "dice_2d_fg": "dice_2d_fg", "fp_rate_empty": "fp_empty", "hd95_3d": "hd95",
+}
+FINAL_RULES = (
+    "dice_2d, iou_2d: all slices, empty-slice rule (empty label: 1 if nothing predicted, else 0); dice_3d: per volume, same rule",
+    "dice_2d_fg: slices with organ only; fp_empty: share of empty slices with predicted foreground",
+    "hd95: 95th-percentile Hausdorff distance per volume, pixels of the prepared label grid (not mm), "
+    "volumes with an empty label or prediction left out",
+    "- : no value (e.g. fp_empty of a site without empty slices); average: over the sites with a value",
+)
 
 
 class IncompleteRun(Exception):
@@ -58,7 +71,7 @@ def round_table(rows: list[dict]) -> str:
     by_round: dict[int, dict[str, float]] = defaultdict(dict)
     for r in rows:
         by_round[r["round"]][r["site"]] = r["global_val_dice"]
-    lines = ["global model validation Dice (scored at each site before local training)", "round  " + "".join(f"{s:>12}" for s in sites)]
+    lines = [f"global model validation Dice (scored at each site before local training; {VALIDATION_RULE})", "round  " + "".join(f"{s:>12}" for s in sites)]
     lines += [f"{rnd:<7}" + "".join(f"{_fmt(dice.get(s)):>12}" for s in sites) for rnd, dice in sorted(by_round.items())]
     counts = defaultdict(int)
     for r in rows:
@@ -88,13 +101,17 @@ def run_status_line(folder: Path) -> str:
 
 
 def final_table(rows: list[dict]) -> str:
+    """The final test scores per site; the lines under the title state the rule of every column.
+
+    Rows written before a column existed show it as "-".
+    """
     title = "final global model on each site's test split"
     if any(str(r["site"]).startswith("unseen:") for r in rows):
         title += " (unseen: the site left out of training, not in the average)"
-    lines = [title, f"{'site':<16}{'dice_2d':>10}{'iou_2d':>10}{'dice_3d':>10}"]
+    lines = [title, *(f"  {rule}" for rule in FINAL_RULES), f"{'site':<16}" + "".join(f"{h:>12}" for h in FINAL_COLUMNS.values())]
     for r in rows:
         note = f"  {r['note']}" if r.get("note") else ""
-        lines.append(f"{str(r['site']):<16}{_fmt(r.get('dice_2d')):>10}{_fmt(r.get('iou_2d')):>10}{_fmt(r.get('dice_3d')):>10}{note}")
+        lines.append(f"{str(r['site']):<16}" + "".join(f"{_fmt(r.get(k)):>12}" for k in FINAL_COLUMNS) + note)
     return "\n".join(lines)
 
 
@@ -131,7 +148,7 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
     for site in sorted({r["site"] for r in rows}):
         points = sorted((r["round"], r["global_val_dice"]) for r in rows if r["site"] == site and r["global_val_dice"] is not None)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
-    axis.set(xlabel="round", ylabel="validation Dice of the global model", ylim=(0, 1))
+    axis.set(xlabel="round", ylabel="validation Dice of the global model\n(slices with organ)", ylim=(0, 1))
     axis.legend()
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
