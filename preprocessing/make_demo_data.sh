@@ -17,6 +17,8 @@ fedfms partition --data "$data" --method natural --proxy-fraction 0.1 --out "$da
 fedfms partition --data "$data" --method loso --unseen UCL --out "$data/partitions/loso"
 # FLAP-SAM input: 5-slice stacks, every slice of a stack labelled.
 fedfms prepare --bundle bundles/flapsam_prostate --src "$raw" --layout saml --out "$demo/data_stack5" --image-size 64 --label-size 64
+# The same cases per site as demo/data's natural partition (same seed and proxy fraction).
+fedfms partition --data "$demo/data_stack5" --method natural --proxy-fraction 0.1 --out "$demo/data_stack5/partitions/natural"
 # FM-instructed initialisation (jobs/fminit_prostate): slices at LiteMedSAM's own 256 px, so the
 # teacher is not fed upsampled thumbnails; the server keeps about a quarter of the training cases
 # as its proxy set, the rest go to 3 clients skewed by patient age (or by quantity).

@@ -170,15 +170,26 @@ def bundle_workflow(bundle_root: str | os.PathLike, config_files: Sequence[str],
     return workflow
 
 
-TEST_METRICS = ("dice_2d", "iou_2d", "dice_3d")
+# Names as in fedfms.evaluation.report.METRICS; the first three keep their order for existing readers.
+TEST_METRICS = ("dice_2d", "iou_2d", "dice_3d", "dice_2d_fg", "fp_rate_empty", "hd95_3d")
+
+
+def evaluation_overrides(overrides: dict) -> dict:
+    """``overrides`` without the training section's keys (``train#...``), which ``evaluate.json`` does not have."""
+    return {k: v for k, v in overrides.items() if not k.startswith("train#")}
 
 
 def evaluate_checkpoint(bundle_root: str | os.PathLike, config_files: Sequence[str], checkpoint: str | os.PathLike, eval_dir: str | os.PathLike, **overrides) -> dict[str, float]:
     """Run the bundle's ``evaluate.json`` on top of ``config_files`` for the weights in ``checkpoint``.
 
     The full tables go to ``eval_dir`` (:class:`fedfms.evaluation.SegmentationReport`); the
-    returned dict holds the mean 2D Dice, 2D IoU and 3D Dice.
+    returned dict holds its ``TEST_METRICS``, each the unweighted mean over the evaluated sites:
+    2D Dice, 2D IoU and 3D Dice under the empty-slice rule (an empty label scores 1 if nothing is
+    predicted, else 0), 2D Dice over slices with organ only, the share of empty slices with any
+    predicted foreground, and HD95 per volume in pixels of the prepared label grid. The last two
+    can be NaN (no empty slice; no volume where HD95 is defined).
     """
+    overrides = evaluation_overrides(overrides)
     workflow = bundle_workflow(bundle_root, ["evaluate.json", *profiles(config_files)], "infer", checkpoint=str(checkpoint), eval_dir=str(eval_dir), **overrides)
     try:
         workflow.run()

@@ -9,7 +9,9 @@ renders the rest into each bundle as plain files:
 - ``configs/train.json``, ``evaluate.json``, ``inference.json``: the shared definitions
   (``common.json``: method settings, network, data, preprocessing) followed by that config's own
   section, so each is complete on its own and any two still merge (the shared keys are equal);
-- ``configs/cpu_demo.json``: the small profile of the same classes;
+- ``configs/cpu_demo.json``: the small profile of the same classes (the shared
+  ``cpu_demo.json``, then the bundle's own ``cpu_demo`` section of ``method.json``: a foundation
+  model keeps its pretrained weights there, at a size a CPU trains);
 - ``LICENSE`` and ``docs/README.md`` (the zoo's sections, filled from the bundle's own files).
 
 ``fedfms bundles --check`` (and a test) proves that the bundles agree with their source.
@@ -24,11 +26,13 @@ from pathlib import Path
 
 from fedfms.errors import DataError
 from fedfms.io import atomic_write, load_json
+from fedfms.models.factory import SAM_MODELS
 
 TEMPLATES = Path(__file__).parent / "bundle_templates"
 SHARED = "common.json"
 CONFIGS = ("train.json", "evaluate.json", "inference.json")
-COPIED = {"configs/cpu_demo.json": "cpu_demo.json", "LICENSE": "LICENSE"}
+COPIED = {"LICENSE": "LICENSE"}
+PROFILE = "cpu_demo"  # the CPU demo profile: configs/cpu_demo.json, and its section in method.json
 OWN_FILES = ("configs/method.json", "configs/metadata.json", "docs/overview.md")
 PRETRAINED_REQUIRED = (
     "Training needs `--pretrained_checkpoint /path/to/sam_vit_b_01ec64.pth`: a local SAM\n"
@@ -36,6 +40,11 @@ PRETRAINED_REQUIRED = (
     "trains from random weights on purpose (the papers' \"-PT\" ablation)."
 )
 FROM_SCRATCH = "The network trains from random weights (`pretrained_checkpoint`: `scratch`)."
+VARIANTS = (
+    "Another fine-tuning strategy of the same network is one key, e.g. `--strategy pdec` (`full`, `msa`,\n"
+    "`flap`, `lora`, `lora_dec`, `dec`, `pdec`, `attn`; `fedfms params --strategy pdec` counts what trains),\n"
+    "and the \"-PT\" ablation (same network, random weights) is `--pretrained_checkpoint scratch`.\n"
+)
 
 
 def is_bundle(folder: Path) -> bool:
@@ -50,9 +59,16 @@ def render_bundle(bundle_dir: str | os.PathLike) -> dict[str, str]:
         raise DataError(bundle, f"not a fedfms bundle: {', '.join(missing)} missing")
     shared = load_json(TEMPLATES / SHARED)
     files = {f"configs/{name}": _json({**shared, **load_json(TEMPLATES / name)}) for name in CONFIGS}
+    files[f"configs/{PROFILE}.json"] = _json(cpu_demo_profile(bundle))
     files.update({target: (TEMPLATES / source).read_text() for target, source in COPIED.items()})
     files["docs/README.md"] = _readme(bundle)
     return files
+
+
+def cpu_demo_profile(bundle_dir: str | os.PathLike) -> dict:
+    """The CPU demo profile of a bundle: the shared small settings, then the bundle's own (its ``cpu_demo`` section)."""
+    own = load_json(Path(bundle_dir) / "configs" / "method.json").get(PROFILE, {})
+    return {**load_json(TEMPLATES / f"{PROFILE}.json"), **own}
 
 
 def _json(config: dict) -> str:
@@ -69,11 +85,18 @@ def _readme(bundle: Path) -> str:
         "overview": (bundle / "docs" / "overview.md").read_text().strip(),
         "data_source": metadata["data_source"],
         "references": "\n".join(f"- {reference}" for reference in metadata["references"]),
-        "method": "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in method.items()),
+        "method": _table(method),
+        "cpu_demo": _table(cpu_demo_profile(bundle)),
         "version": metadata["version"],
         "pretrained": PRETRAINED_REQUIRED if "pretrained_checkpoint" not in method else FROM_SCRATCH,
+        "variants": VARIANTS if method["model"] in SAM_MODELS else "",
     }
     return (TEMPLATES / "README.md").read_text().format(**fields)
+
+
+def _table(settings: dict) -> str:
+    """Markdown rows ``| key | value |`` of a bundle's settings (the profile section is shown on its own)."""
+    return "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in settings.items() if key != PROFILE)
 
 
 def stale_files(bundle_dir: str | os.PathLike) -> list[str]:

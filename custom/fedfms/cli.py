@@ -97,8 +97,11 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from fedfms.experiment.report import is_experiment_dir
     from fedfms.fl.report import IncompleteRun, report
 
+    if is_experiment_dir(args.workspace):  # an experiment's output folder: its tables and figures
+        return _experiment_report(args.workspace)
     try:
         print(report(args.workspace, args.png))
     except IncompleteRun as incomplete:
@@ -107,11 +110,54 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_report(out) -> int:
+    from fedfms.experiment.report import write_report
+
+    text, files = write_report(out)
+    print(text)
+    print("report files: " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from fedfms.experiment.cells import expand_cells, select_cells
+    from fedfms.experiment.config import load_config
+    from fedfms.experiment.runner import cell_state, experiment_out, run_experiment
+
+    overrides = {"rounds": args.rounds, "epochs": args.epochs, "pretrained_checkpoint": args.pretrained_checkpoint, "device": args.device}
+    config = load_config(args.config, overrides)
+    out = experiment_out(config, args.out)
+    if args.list:
+        for cell in select_cells(expand_cells(config), args.only):
+            print(f"{cell['id']:<36}{cell_state(out, cell)}")
+        return 0
+    failed = False
+    if not args.report:
+        failed = any(r["status"] != "ok" for r in run_experiment(config, out, args.only))
+    code = _experiment_report(out)
+    return EXIT_INCOMPLETE if failed else code
+
+
+def _bundle_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON (numbers, true/false, null, lists), else kept as a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _job(args: argparse.Namespace) -> int:
     from fedfms.fl.job_config import JobOptions, configure_job
 
     names = {f.name for f in fields(JobOptions)}
-    out = configure_job(args.job, args.out, JobOptions(**{k: v for k, v in vars(args).items() if k in names}))
+    given = {k: v for k, v in vars(args).items() if k in names}
+    given["overrides"] = dict(args.overrides) if args.overrides else None
+    out = configure_job(args.job, args.out, JobOptions(**given))
     print(f"job written to {out}")
     print(f"  simulate it:  nvflare simulator {out} -w WORKSPACE -c SITE,SITE,... -t N   (the hospitals' names; -n N names them site-1..N)")
     print(f"  submit it:    nvflare job submit -j {out}   (POC or a provisioned project; see the README's Deploy section)")
@@ -222,14 +268,39 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--task-timeout", type=int, help="seconds a round's task may take before the round goes on without the silent sites (0: no limit)")
     p.add_argument("--min-clients", type=int, help="acceptable updates a round needs; fewer end the rounds")
     p.add_argument("--norm-statistics", choices=("global", "local"), help="normalisation statistics: averaged with the weights (global) or kept at each site (local, FedBN)")
-    p.add_argument("--evaluate-only", action="append", metavar="SITE", help="leave-one-site-out job: this site only scores the final model (default: the partition's unseen site)")
+    p.add_argument("--evaluate-only", action="append", metavar="SITE", help="this site only scores the final model, never trains (leave-one-site-out; default for a leave-one-site-out job: the partition's unseen site)")
     p.add_argument("--exclude-vars", help="regular expression: matching tensors never leave a site (NVFlare's ExcludeVars filter)")
     p.add_argument("--percentile-privacy", type=float, metavar="PERCENTILE", help="sites send weight changes, zeroing those below this percentile of magnitude (NVFlare's PercentilePrivacy)")
     p.add_argument("--privacy-gamma", type=float, default=0.01, help="PercentilePrivacy: each shared change (per training sample) is clipped to +-gamma")
     p.add_argument("--datalist-dir", help="the partition inside the dataset folder, e.g. partitions/quantity")
     p.add_argument("--init-mode", choices=("random", "pretrain", "fm"), help="initial global model of a job with the FM-instructed-init pre-stage")
     p.add_argument("--prestage-epochs", type=int, help="epochs of that pre-stage on the server's proxy set (the job's: 20)")
+    p.add_argument("--strategy", help="SAM jobs: fine-tuning strategy, e.g. pdec, dec, attn, lora, lora_dec (FLAP-SAM's baselines), full, msa, flap")
+    p.add_argument("--size", help="SAM jobs: model size (lite = LiteMedSAM, tiny, small, vit_b, vit_l, vit_h)")
+    p.add_argument("--image-size", type=int, help="SAM jobs: the network's input size (a multiple of 16)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="SAM jobs: the same network from random weights (the papers' -PT ablation)")
+    p.add_argument("--seed", type=int, help="seed of the run: initial weights, each site's data order and augmentation (default 0)")
+    p.add_argument("--override", dest="overrides", action="append", type=_bundle_override, metavar="KEY=VALUE",
+                   help="any other bundle key for every network and learner of the job, VALUE as JSON (e.g. learning_rate=1e-4, train#samples_per_epoch=32)")
     p.set_defaults(run=_job)
+
+
+def _add_experiment(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "experiment",
+        help="run an experiment file (methods x local/centralized/federated/loso, one cell at a time) and write the papers' tables and figures",
+        epilog="Exit codes: 0 every cell ok; 2 bad experiment file or arguments; 4 some cell failed (its reason is in its result.json).",
+    )
+    p.add_argument("config", help="an experiment file (YAML or JSON), or a shipped one: cpu, fminit, paper")
+    p.add_argument("--out", help="output folder (default: the file's `out`, else experiments/<name>)")
+    p.add_argument("--report", action="store_true", help="run nothing: write the tables and figures of the cells finished so far")
+    p.add_argument("--list", action="store_true", help="run nothing: list the cells and their state (done, failed, changed, pending)")
+    p.add_argument("--only", action="append", metavar="PATTERN", help="run only the cells whose id matches this shell pattern (e.g. 'fedmsa-*'); repeatable")
+    p.add_argument("--rounds", type=int, help="replace the file's rounds (federated cells; local and centralized ones train rounds x epochs unless the file sets train_epochs)")
+    p.add_argument("--epochs", type=int, help="replace the file's local epochs per round")
+    p.add_argument("--pretrained-checkpoint", help="replace the file's pretrained_checkpoint (SAM methods; required by the paper profile)")
+    p.add_argument("--device", help="replace the file's device, e.g. cuda")
+    p.set_defaults(run=_experiment)
 
 
 def _bundles(args: argparse.Namespace) -> int:
@@ -265,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_job(commands)
     _add_bundles(commands)
+    _add_experiment(commands)
     return parser
 
 

@@ -17,6 +17,11 @@ def _data_dir(tiny_data, bundle):
     return tiny_data / ("data_stack5" if bundle == "flapsam_prostate" else "data")
 
 
+# The SAM bundles' CPU profile fine-tunes the packaged LiteMedSAM; FedMSA trains as shipped, the other two
+# SAM bundles as the tiny configuration of the same classes, so the module stays within the suite's time.
+TINY_SAM = {"fedsam_prostate": {"size": "tiny", "pretrained_checkpoint": "scratch"}, "flapsam_prostate": {"size": "tiny", "pretrained_checkpoint": "scratch"}}
+
+
 @pytest.fixture(scope="module")
 def trained(standalone, tiny_data, tmp_path_factory):
     """Each bundle's cpu_demo training, run once: {bundle: (completed process, output folder)}."""
@@ -25,7 +30,7 @@ def trained(standalone, tiny_data, tmp_path_factory):
         out = tmp_path_factory.mktemp(bundle)
         result = run_bundle(
             standalone, bundle, "cpu_demo.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle), output_dir=out / "models",
-            log_dir=out / "logs", max_epochs=4, batch_size=4,
+            log_dir=out / "logs", max_epochs=4, batch_size=4, **TINY_SAM.get(bundle, {}),
         )
         runs[bundle] = (result, out)
     return runs
@@ -51,7 +56,7 @@ def test_evaluation_writes_site_tables(standalone, trained, tiny_data, bundle):
     _, out = trained[bundle]
     result = run_bundle(
         standalone, bundle, "cpu_demo.json", "evaluate.json", cwd=out, dataset_dir=_data_dir(tiny_data, bundle),
-        output_dir=out / "models", eval_dir=out / "eval",
+        output_dir=out / "models", eval_dir=out / "eval", **TINY_SAM.get(bundle, {}),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "eval" / "summary.json").read_text())
@@ -173,3 +178,17 @@ def test_pooling_a_partition_leaves_out_the_proxy_and_unseen_site(tmp_path):
     pooled = load_datalist(tmp_path, "training", None, "partitions/loso")
     assert sorted(e["site"] for e in pooled) == ["A", "B"]
     assert [e["site"] for e in load_datalist(tmp_path, "training", "server_proxy", "partitions/loso")] == ["P"]
+
+
+def test_samples_per_epoch_draws_that_many_training_samples_each_epoch(tiny_data, tmp_path):
+    """``train#samples_per_epoch``: a random subset of the training split per epoch (all of it by default)."""
+    from fedfms.bundle import bundle_workflow
+
+    def loader(**overrides):
+        wf = bundle_workflow(BUNDLES / "unet_prostate", ["train.json", "cpu_demo.json"], "train", dataset_dir=str(tiny_data / "data"), batch_size=2, **_outputs(tmp_path), **overrides)
+        return wf.trainer.data_loader
+
+    full, subset = loader(), loader(**{"train#samples_per_epoch": 3})
+    assert len(full.dataset) == len(subset.dataset) == 20 and len(full) == 10
+    assert len(subset) == 2 and len(list(subset.sampler)) == 3
+    assert len(set(subset.sampler)) == 3  # without replacement

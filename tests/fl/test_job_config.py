@@ -8,9 +8,12 @@ import torch
 from segment_anything import sam_model_registry
 
 from fedfms.bundle import bundle_network
+from fedfms.bundle_files import cpu_demo_profile
 from fedfms.cli import main
 from fedfms.errors import DataError
 from fedfms.fl.job_config import JobOptions, bundle_args, configure_job
+from fedfms.models import count_parameters, read_state_dict, trainable_names
+from fedfms.models.litemedsam import packaged_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -200,9 +203,21 @@ def test_leave_one_site_out_job_refuses_a_partition_without_an_unseen_site(tmp_p
     options = JobOptions(dataset_dir=str(tmp_path / "data"), datalist_dir="partitions/natural")
     with pytest.raises(DataError, match=r"partitions/natural: not a leave-one-site-out partition \(no unseen.json\)"):
         configure_job(REPO / "jobs/fedmsa_prostate_loso", tmp_path / "loso", options)
-    with pytest.raises(ValueError, match="--evaluate-only needs a leave-one-site-out job"):
-        configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "plain", JobOptions(evaluate_only=["HK"]))
-    assert not (tmp_path / "loso").exists() and not (tmp_path / "plain").exists()
+    assert not (tmp_path / "loso").exists()
+
+
+def test_evaluate_only_makes_any_job_leave_that_site_out_of_training(tmp_path):
+    out = configure_job(REPO / "jobs/fedunet_prostate", tmp_path / "plain", JobOptions(evaluate_only=["HK"]))
+    workflows = {w["id"]: w["args"] for w in _configs(out)[1]["workflows"]}
+    assert workflows["fedavg"]["evaluate_only_sites"] == workflows["final_eval"]["evaluate_only_sites"] == ["HK"]
+
+
+def test_seed_reaches_every_network_and_the_learners_round_seeds(tmp_path):
+    out = configure_job(REPO / "jobs/fminit_prostate", tmp_path / "seeded", JobOptions(seed=3))
+    client, server = _configs(out)
+    learner, prestage = bundle_args(client)[0], _workflow_args(server, "fminit")
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]["args"]
+    assert learner["seed"] == prestage["seed"] == persistor["seed"] == learner["overrides"]["seed"] == prestage["overrides"]["seed"] == 3
 
 
 def test_job_command_says_how_to_simulate_and_submit_the_copy(tmp_path, capsys):
@@ -210,3 +225,93 @@ def test_job_command_says_how_to_simulate_and_submit_the_copy(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"nvflare simulator {tmp_path / 'loso'} -w WORKSPACE -c SITE,SITE,..." in printed
     assert f"nvflare job submit -j {tmp_path / 'loso'}" in printed
+
+
+SAM_JOBS = ("fedsam_prostate", "fedmsa_prostate", "flapsam_prostate")  # the leave-one-site-out job builds fedmsa's
+
+
+def _persistor_network(job: Path) -> torch.nn.Module:
+    """The global model's network as the server's persistor builds it from the job copy."""
+    _, server = _configs(job)
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    return bundle_network(**persistor["args"]["model"]["args"])
+
+
+def _trainable_count_printed(capsys, *args: str) -> int:
+    assert main(["params", *args]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("trainable parameters"))
+    return int(line.split()[2].replace(",", ""))
+
+
+@pytest.mark.parametrize("job", SAM_JOBS)
+def test_sam_jobs_fine_tune_the_packaged_litemedsam_in_their_cpu_profile(job, tmp_path):
+    """Every weight of the foundation model comes from the packaged checkpoint; -PT starts elsewhere."""
+    bundle = bundle_args(_configs(REPO / "jobs" / job)[0])[0]["bundle_root"]
+    assert cpu_demo_profile(REPO / bundle)["size"] == "lite" and cpu_demo_profile(REPO / bundle)["pretrained_checkpoint"] == "litemedsam"
+    packaged = read_state_dict(packaged_checkpoint())
+    network = _persistor_network(configure_job(REPO / "jobs" / job, tmp_path / "pretrained", JobOptions()))
+    state = network.state_dict()
+    base = [k for k in state if k.startswith(("image_encoder.", "prompt_encoder.")) and ".lora_" not in k and "_Adapter." not in k]
+    assert base and set(base) <= set(packaged)  # no base key missing from the checkpoint ...
+    assert all(torch.equal(state[k], packaged[k]) for k in base)  # ... and every one of them loaded
+    scratch = _persistor_network(configure_job(REPO / "jobs" / job, tmp_path / "scratch", JobOptions(pretrained=False)))
+    assert not any(torch.equal(scratch.state_dict()[k], packaged[k]) for k in base if packaged[k].numel() > 1 and packaged[k].std() > 0)
+
+
+@pytest.mark.parametrize("strategy", ["pdec", "dec", "attn", "lora", "lora_dec", "full", "flap"])
+def test_strategy_gives_the_job_the_trainable_set_and_counts_of_fedfms_params(strategy, tmp_path, capsys):
+    out = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / strategy, JobOptions(strategy=strategy))
+    client, server = _configs(out)
+    assert bundle_args(client)[0]["overrides"] == {"strategy": strategy}
+    profile = cpu_demo_profile(REPO / "bundles/flapsam_prostate")
+    network = _persistor_network(out)
+    printed = _trainable_count_printed(capsys, "--model", "flapsam", "--strategy", strategy, "--size", profile["size"], "--image-size", str(profile["image_size"]))
+    assert count_parameters(network).trainable == printed
+    assert [n for n, p in network.named_parameters() if p.requires_grad] == trainable_names(network, strategy)
+    fedavg = next(w["args"] for w in server["workflows"] if w["id"] == "fedavg")
+    assert ("aggregator" in fedavg) == (strategy in ("flap", "lora", "lora_dec"))  # LoRA-SVD only where there is LoRA
+    assert json.loads((out / "meta.json").read_text())["fedfms_job_options"] == {"strategy": strategy}
+
+
+def test_size_image_size_and_no_pretrained_reach_learner_and_persistor(tmp_path):
+    out = configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "pt", JobOptions(size="tiny", image_size=32, pretrained=False))
+    client, server = _configs(out)
+    expected = {"size": "tiny", "image_size": 32, "pretrained_checkpoint": "scratch"}
+    assert bundle_args(client)[0]["overrides"] == expected
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]["args"]
+    assert {k: persistor[k] for k in expected} == expected
+    assert json.loads((out / "meta.json").read_text())["fedfms_job_options"] == {"size": "tiny", "image_size": 32, "pretrained": False}
+
+
+def test_network_options_are_checked_before_the_job_is_written(tmp_path, checkpoint):
+    with pytest.raises(ValueError, match="unknown strategy 'lorax'"):
+        JobOptions(strategy="lorax")
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        JobOptions(size="huge")
+    with pytest.raises(ValueError, match="image_size must be a multiple of 16"):
+        JobOptions(image_size=100)
+    with pytest.raises(ValueError, match="contradict"):
+        JobOptions(pretrained=False, pretrained_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match="--strategy apply to SAM jobs; bundles/unet_prostate is not a SAM bundle"):
+        configure_job(REPO / "jobs/fedunet_prostate", tmp_path / "x", JobOptions(strategy="pdec"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_paper_profile_minus_pt_needs_no_checkpoint(tmp_path):
+    out = configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "paper_pt", JobOptions(profile="paper", pretrained=False))
+    client, _ = _configs(out)
+    learner = bundle_args(client)[0]
+    assert learner["config_files"] == ["train.json"] and learner["overrides"] == {"pretrained_checkpoint": "scratch"}
+
+
+def test_override_sets_any_bundle_key_for_every_network_and_learner(tmp_path, capsys):
+    out = tmp_path / "overridden"
+    assert main(["job", str(REPO / "jobs/fedunet_prostate"), "--out", str(out), "--override", "learning_rate=0.0002", "--override", "train#samples_per_epoch=16"]) == 0
+    client, server = _configs(out)
+    expected = {"learning_rate": 0.0002, "train#samples_per_epoch": 16}
+    assert bundle_args(client)[0]["overrides"] == expected
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]["args"]
+    assert {k: persistor[k] for k in expected} == expected
+    with pytest.raises(SystemExit):
+        main(["job", str(REPO / "jobs/fedunet_prostate"), "--out", str(tmp_path / "bad"), "--override", "learning_rate"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -7,12 +7,20 @@ persistor), so it is one command instead of hand edits::
     fedfms job jobs/fedmsa_prostate --out my_jobs/fedmsa_paper --profile paper \\
         --pretrained-checkpoint /models/sam_vit_b_01ec64.pth --dataset-dir /data/prostate_1024
 
+The network of a SAM job is chosen the same way: ``--strategy`` (any fine-tuning strategy of
+:mod:`fedfms.models.strategies`, e.g. FLAP-SAM's baselines ``pdec``, ``dec``, ``attn``, ``lora``,
+``lora_dec``), ``--size``, ``--image-size``, and ``--no-pretrained`` (the papers' "-PT" ablation:
+the same network from random weights). They become bundle overrides of every place the network is
+built (learner, persistor), so the sites and the server build the same one; the copy's
+``meta.json`` records every option given.
+
 ``--datalist-dir`` points every bundle user (learner, pre-stage) at another partition of the same
 data; ``--init-mode`` chooses how a job with the FM-instructed-init workflow
 (``jobs/fminit_prostate``) starts: ``random``, ``pretrain`` or ``fm``, and ``--prestage-epochs``
 how long that pre-stage trains the student on the server's proxy set. A leave-one-site-out job
 (``evaluate_only_sites`` in its server workflows) takes its evaluate-only site from the partition's
-``unseen.json`` under ``--dataset-dir``, or from ``--evaluate-only SITE`` when the data is elsewhere.
+``unseen.json`` under ``--dataset-dir``, or from ``--evaluate-only SITE`` when the data is elsewhere;
+``--evaluate-only`` makes any other job leave that site out of training too.
 
 The copy is written next to ``--out`` and renamed into place, so a failed run leaves nothing.
 """
@@ -24,10 +32,13 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fedfms.bundle import bundle_dir, read_method
+from fedfms.models.factory import SAM_MODELS
+from fedfms.models.sam import SAM_SIZES
+from fedfms.models.strategies import get_strategy
 from fedfms.data.partition import unseen_site
 from fedfms.distillation.prestage import INIT_MODES
 from fedfms.errors import DataError
@@ -65,6 +76,12 @@ class JobOptions:
     percentile_privacy: float | None = None  # share only weight changes above this percentile (NVFlare's PercentilePrivacy)
     privacy_gamma: float = 0.01  # PercentilePrivacy's clip of each shared change
     evaluate_only: list[str] | None = None  # leave-one-site-out: sites that only score the final model
+    strategy: str | None = None  # SAM jobs: the fine-tuning strategy (what trains and travels)
+    size: str | None = None  # SAM jobs: the model size (lite, tiny, vit_b, vit_l, ...)
+    image_size: int | None = None  # SAM jobs: the network's input size
+    pretrained: bool = True  # False: the same network from random weights ("-PT")
+    seed: int | None = None  # every random choice of the run: initial weights, data order, augmentation
+    overrides: dict | None = None  # any other bundle keys, e.g. {"learning_rate": 1e-4, "train#samples_per_epoch": 32}
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
@@ -73,6 +90,14 @@ class JobOptions:
             raise ValueError(f"unknown init mode {self.init_mode!r}; choose from {', '.join(INIT_MODES)}")
         if self.pretrained_checkpoint and not Path(self.pretrained_checkpoint).is_file():
             raise DataError(self.pretrained_checkpoint, "pretrained checkpoint not found")
+        if self.pretrained_checkpoint and not self.pretrained:
+            raise ValueError("--pretrained-checkpoint and --no-pretrained contradict each other; give one")
+        if self.strategy is not None:
+            get_strategy(self.strategy)  # an unknown name fails here, listing the strategies
+        if self.size not in (None, *SAM_SIZES):
+            raise ValueError(f"unknown size {self.size!r}; choose from {', '.join(SAM_SIZES)}")
+        if self.image_size is not None and (self.image_size < 16 or self.image_size % 16):
+            raise ValueError(f"image_size must be a multiple of 16 (and at least 16), got {self.image_size}")
         if self.resume_from:
             read_resume_model(self.resume_from)
         if self.dataset_dir and not Path(self.dataset_dir).is_dir():
@@ -113,20 +138,43 @@ def _set_profile(args: dict, options: JobOptions) -> None:
     if options.profile:
         files = [f for f in args["config_files"] if f != DEMO_CONFIG]
         args["config_files"] = files + [DEMO_CONFIG] if options.profile == "cpu_demo" else files
+    network = _network_overrides(options)
+    if network and read_method(bundle_dir(args["bundle_root"]))["model"] not in SAM_MODELS:
+        raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in network)} apply to SAM jobs; {args['bundle_root']} is not a SAM bundle")
+    for key, value in network.items():
+        _override(args, key, value)
+    for key, value in (options.overrides or {}).items():
+        _override(args, key, value)
+    if options.seed is not None:
+        _override(args, "seed", options.seed)
+        if "dataset_dir" in args:  # the learner's round seeds and the pre-stage's training
+            args["seed"] = options.seed
+
+
+def _network_overrides(options: JobOptions) -> dict:
+    """The bundle keys that choose a SAM job's network."""
+    overrides = {"strategy": options.strategy, "size": options.size, "image_size": options.image_size}
     if options.pretrained_checkpoint:
-        checkpoint = str(Path(options.pretrained_checkpoint).resolve())
-        if "dataset_dir" in args:  # learner and pre-stage: an ``overrides`` dict
-            args["overrides"] = {**args.get("overrides", {}), "pretrained_checkpoint": checkpoint}
-        else:  # the persistor's ``bundle_network(**overrides)``
-            args["pretrained_checkpoint"] = checkpoint
+        overrides["pretrained_checkpoint"] = str(Path(options.pretrained_checkpoint).resolve())
+    if not options.pretrained:
+        overrides["pretrained_checkpoint"] = "scratch"
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def _override(args: dict, key: str, value) -> None:
+    """Set a bundle key where this component takes it."""
+    if "dataset_dir" in args:  # learner and pre-stage: an ``overrides`` dict
+        args["overrides"] = {**args.get("overrides", {}), key: value}
+    else:  # the persistor's ``bundle_network(**overrides)``
+        args[key] = value
 
 
 def _check_checkpoint(args: dict, options: JobOptions) -> None:
     """The paper profile of a foundation-model bundle needs its pretrained weights; say so now, not at round 0."""
-    if options.profile == "paper" and not options.pretrained_checkpoint:
+    if options.profile == "paper" and not options.pretrained_checkpoint and options.pretrained:
         method = read_method(bundle_dir(args["bundle_root"]))
         if "pretrained_checkpoint" not in method:
-            raise ValueError(f"the paper profile of {args['bundle_root']} needs --pretrained-checkpoint (e.g. sam_vit_b_01ec64.pth)")
+            raise ValueError(f"the paper profile of {args['bundle_root']} needs --pretrained-checkpoint (e.g. sam_vit_b_01ec64.pth), or --no-pretrained for the '-PT' ablation")
 
 
 def _workflow(server: dict, path_suffix: str) -> dict | None:
@@ -159,6 +207,8 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
             check_partition(args["dataset_dir"], args["datalist_dir"])
     _set_prestage(server, options)
     fedavg = _workflow(server, "FedAvg")
+    if options.strategy and get_strategy(options.strategy).needs != "lora":
+        fedavg.pop("aggregator", None)  # LoRA-SVD aggregation has no LoRA to re-factorise: FedAvg's own weighted mean
     paper = options.profile == "paper"
     if options.num_rounds or paper:
         fedavg["num_rounds"] = options.num_rounds or PAPER_ROUNDS
@@ -197,12 +247,17 @@ def _set_prestage(server: dict, options: JobOptions) -> None:
 
 
 def _set_evaluate_only(server: dict, learner: dict, options: JobOptions) -> None:
-    """Leave-one-site-out: the sites the server never sends training to (FedAvg and the final evaluation)."""
-    workflows = [w["args"] for w in server["workflows"] if "evaluate_only_sites" in w["args"]]
+    """Leave-one-site-out: the sites the server never sends training to (FedAvg and the final evaluation).
+
+    A leave-one-site-out job (``evaluate_only_sites`` in its workflows) takes them from the
+    partition when not given; any other job becomes one when they are given.
+    """
     sites = options.evaluate_only
+    if sites:
+        workflows = [w["args"] for w in server["workflows"] if w["path"].endswith(("ResumableFedAvg", "FinalEvaluation"))]
+    else:
+        workflows = [w["args"] for w in server["workflows"] if "evaluate_only_sites" in w["args"]]
     if not workflows:
-        if sites:
-            raise ValueError("--evaluate-only needs a leave-one-site-out job (evaluate_only_sites in its server workflows), such as jobs/fedmsa_prostate_loso")
         return
     if not sites and options.dataset_dir:
         folder = Path(learner["dataset_dir"]) / learner["datalist_dir"]
@@ -235,6 +290,12 @@ def _component(config: dict, component_id: str) -> dict:
     return next(c for c in config["components"] if c["id"] == component_id)
 
 
+def given_options(options: JobOptions) -> dict:
+    """The options that differ from their defaults: what ``fedfms job`` was asked for."""
+    defaults = JobOptions()
+    return {f.name: value for f in fields(JobOptions) if (value := getattr(options, f.name)) != getattr(defaults, f.name)}
+
+
 def configure_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike, options: JobOptions) -> Path:
     """Copy ``job_dir`` to ``out_dir`` with ``options`` applied; ``out_dir`` must not exist yet."""
     source, out = resolve_path(job_dir), Path(out_dir)
@@ -251,7 +312,7 @@ def configure_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike, option
         shutil.copytree(source, staging, dirs_exist_ok=True)
         for name, config in zip(CONFIG_FILES, (client, server)):
             (staging / config_dir / name).write_text(json.dumps(config, indent=4) + "\n")
-        meta = {**json.loads((staging / "meta.json").read_text()), "name": out.name}
+        meta = {**json.loads((staging / "meta.json").read_text()), "name": out.name, "fedfms_job_options": given_options(options)}
         if options.min_clients:
             meta["min_clients"] = options.min_clients
         (staging / "meta.json").write_text(json.dumps(meta, indent=4) + "\n")
