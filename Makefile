@@ -25,7 +25,7 @@ define simulate
 endef
 
 # The jobs read demo/data* (relative to the repository), so the demo folder is fixed.
-# FedMSA: a tiny SAM trained from scratch; FM-instructed init: LiteMedSAM distilled into SM-lite.
+# FedMSA: the packaged LiteMedSAM fine-tuned with adapters; FM-instructed init: LiteMedSAM distilled into SM-lite.
 demo: venv
 	PATH="$(abspath $(BIN)):$$PATH" bash preprocessing/make_demo_data.sh demo
 	$(call simulate,fedmsa_prostate,demo/workspace)

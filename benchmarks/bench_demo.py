@@ -7,7 +7,8 @@ a no-op when `.venv` is current), times it, checks that it printed a report for 
 jobs (FedMSA fine-tuning the packaged LiteMedSAM, then FM-instructed initialisation with its
 pre-stage) with the per-site Dice table and the bytes exchanged, and prints the figures: among them
 whether FedMSA's final average 3D test Dice reaches ``FEDMSA_TARGET_DICE``. The LiteMedSAM teacher's logits are
-cached in ``demo/data_256/teacher_cache``: delete that folder to time a first run.
+cached in ``demo/data_256/teacher_cache``: delete that folder (or ``demo``) to time a first run.
+Everything `make demo` printed is kept in ``demo/make_demo.log``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> None:
     start = time.perf_counter()
     done = subprocess.run(["make", "demo"], cwd=REPO, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    (REPO / "demo").mkdir(exist_ok=True)
+    (REPO / "demo" / "make_demo.log").write_text(done.stdout + done.stderr)  # the reports in full
     if done.returncode != 0:
         raise SystemExit(f"make demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     reports = re.split(r"^running jobs/", done.stdout, flags=re.MULTILINE)[1:]

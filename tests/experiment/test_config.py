@@ -25,15 +25,16 @@ def config_text(methods: str = "  - {bundle: fedmsa_prostate}", data: str = "dem
 
 
 def test_shipped_configs_load():
-    assert shipped_configs() == ["cpu", "fminit", "paper"]
+    assert shipped_configs() == ["cpu", "flapsam", "fminit", "paper"]
     cpu = load_config("cpu")
     assert cpu.profile == "cpu_demo" and cpu.config_files == ("train.json", "cpu_demo.json") and cpu.device == "cpu"
     names = [m.name for m in cpu.methods]
-    assert names[:6] == ["fedsam", "fedmsa", "fedsam_pt", "fedmsa_pt", "fedunet", "fednnunet"]
-    flapsam = [m for m in cpu.methods if m.model == "flapsam"]
-    assert sorted(m.strategy for m in flapsam) == sorted(["full", "attn", "dec", "pdec", "lora", "lora_dec", "flap"])
-    assert all(m.data.endswith("demo/data_stack5") for m in flapsam)
-    assert [m.settings for m in cpu.methods if "loso" in m.settings] == [("local", "centralized", "federated", "loso")]
+    assert names == ["fedsam", "fedmsa", "fedsam_pt", "fedmsa_pt", "fedunet", "fednnunet", "flapsam_lora_dec", "flapsam"]
+    assert [m.pretrained for m in cpu.methods[:4]] == [True, True, False, False]
+    flapsam = load_config("flapsam")
+    assert sorted(m.strategy for m in flapsam.methods) == sorted(["full", "attn", "dec", "pdec", "lora", "lora_dec", "flap"])
+    assert all(m.model == "flapsam" and m.data.endswith("demo/data_stack5") for m in (*flapsam.methods, *cpu.methods[6:]))
+    assert all(m.settings == ("local", "centralized", "federated") for m in flapsam.methods)
     fminit = load_config("fminit")
     assert fminit.rounds == 10 and {m.init_mode for m in fminit.methods} == {"random", "pretrain", "fm"}
     assert {m.partition for m in fminit.methods} == {"partitions/age", "partitions/quantity"}
@@ -117,7 +118,7 @@ def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"no experiment file here, and not a shipped experiment \(cpu, fminit, paper\)") as error:
+    with pytest.raises(ConfigError, match=r"no experiment file here, and not a shipped experiment \(cpu, flapsam, fminit, paper\)") as error:
         load_config(tmp_path / "missing.yaml")
     assert error.value.path == str(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not a shipped experiment"):

@@ -91,9 +91,10 @@ def check_federated_run(run, rounds: list[int], sites: list[str], norm_statistic
     """What every job must show: exchanged-only change, accepted sample-weighted updates of the right size, test tables.
 
     ``run`` has the server's app folder (``app``), its log, the data and partition it ran on
-    (``data``, ``datalist_dir``) and the job's ``bundle``: a simulated run or a downloaded one.
+    (``data``, ``datalist_dir``) and the job's ``bundle``: a simulated run or a downloaded one;
+    ``network`` (optional) holds the bundle overrides the job chose its network with.
     """
-    initial = bundle_network(run.bundle, ["train.json", "cpu_demo.json"])
+    initial = bundle_network(run.bundle, ["train.json", "cpu_demo.json"], **getattr(run, "network", {}))
     travelling = exchanged(initial, norm_statistics)
     assert f"global model: {len(travelling)} exchanged of {len(initial.state_dict())} tensors ({norm_statistics} normalisation statistics)" in run.log
     saved = torch.load(run.app / "FL_global_model.pt", weights_only=False)

@@ -24,8 +24,9 @@ SITES = ("site-1", "site-2", "site-3")
 
 
 def drill_job(tmp_path: Path, data: Path, faults: list[dict], rounds: int, min_clients: int, timeout: int) -> Path:
-    """The shipped FedMSA job, with the drill learner and the outgoing-update recorder at every site."""
-    job = job_copy("fedmsa_prostate", tmp_path, data, rounds, min_clients=min_clients, task_timeout=timeout)
+    """The shipped FedMSA job on a tiny SAM from random weights (a ViT with the frozen ``FROZEN``; many short
+    rounds), with the drill learner and the outgoing-update recorder at every site."""
+    job = job_copy("fedmsa_prostate", tmp_path, data, rounds, min_clients=min_clients, task_timeout=timeout, size="tiny", pretrained=False)
     config = job / "app/config/config_fed_client.json"
     client = json.loads(config.read_text())
     learner = client["components"][0]
@@ -121,7 +122,7 @@ def test_a_round_without_acceptable_updates_ends_the_run_on_the_last_good_model(
     saved = torch.load(workspace / APP / "FL_global_model.pt", weights_only=False)
     assert saved["meta_props"]["completed_rounds"] == 5  # the global model of round 4, untouched by round 5
     _assert_weighted_mean(tmp_path, workspace, 4, ["site-2", "site-3"])
-    initial = bundle_network("bundles/fedmsa_prostate", ["train.json", "cpu_demo.json"])
+    initial = bundle_network("bundles/fedmsa_prostate", ["train.json", "cpu_demo.json"], size="tiny", pretrained_checkpoint="scratch")
     assert torch.equal(torch.as_tensor(saved["model"][FROZEN]), initial.state_dict()[FROZEN])  # never overwritten
     final = {r["site"]: r for r in json.loads((workspace / APP / "final_test.json").read_text())}
     assert all(0 <= final[s]["dice_2d"] <= 1 for s in SITES)  # every site scored the last good global model

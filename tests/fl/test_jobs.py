@@ -2,7 +2,7 @@
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ class Run:
     datalist_dir: str
     bundle: str
     sent: Path  # every update as it left its site
+    network: dict = field(default_factory=dict)  # the bundle overrides of the job's network options
 
     @property
     def app(self) -> Path:
@@ -45,7 +46,10 @@ def _run(job: str, fl_data: Path, tmp_path: Path, rounds: int, clients: int | tu
     env = _site_settings(job_dir, fl_data / data, tmp_path / "settings", site_settings) if site_settings else None
     log = simulate(job_dir, tmp_path / "ws", clients, env=env, threads=threads)
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())["components"][0]["args"]
-    return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"], tmp_path / "sent")
+    network = {k: options[k] for k in ("size", "image_size", "strategy") if k in options}
+    if options.get("pretrained") is False:
+        network["pretrained_checkpoint"] = "scratch"
+    return Run(job, tmp_path / "ws", log, fl_data / data, client["datalist_dir"], client["bundle_root"], tmp_path / "sent", network)
 
 
 def _site_settings(job_dir: Path, data: Path, folder: Path, settings: dict[str, dict]) -> dict:
@@ -131,7 +135,8 @@ def test_restarted_server_resumes_its_rounds_records_and_best_model(fedmsa_run, 
 
 
 def test_flapsam_job_aggregates_lora_by_svd(fl_data, tmp_path):
-    run = _run("flapsam_prostate", fl_data, tmp_path, rounds=1, data="data_stack5")
+    """On a tiny SAM from random weights (its 18 LoRA layers; LiteMedSAM's are tested in tests/models)."""
+    run = _run("flapsam_prostate", fl_data, tmp_path, rounds=1, data="data_stack5", size="tiny", pretrained=False)
     assert "LoRA SVD aggregation of 3 clients over 18 layers: relative truncation error max" in run.log
     check_federated_run(run, rounds=[0], sites=["site-1", "site-2", "site-3"])
 
