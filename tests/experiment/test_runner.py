@@ -10,7 +10,7 @@ import pytest
 
 from fedfms.cli import main
 from fedfms.experiment.runner import cell_state, duration, progress_line, run_cell_process
-from tests.experiment.conftest import metrics, result, write_config
+from tests.experiment.conftest import write_config
 
 
 def test_progress_line_estimates_the_rest_from_the_mean_so_far():
