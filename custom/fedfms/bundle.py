@@ -3,6 +3,12 @@
 All bundles run the same configs (rendered from the package's ``bundle_templates`` by
 :mod:`fedfms.bundle_files`); what makes a bundle a method is its ``configs/method.json``: model, strategy, sizes, loss and optimiser settings. These
 functions read it, find the prepared data, build the network and loss, and batch N-slice stacks.
+
+Every config's ``initialize`` starts with the input checks (:func:`check_bundle_root`, then
+:func:`check_inputs`): ``--bundle_root``, ``--dataset_dir``, the datalists and every file they
+list, ``--pretrained_checkpoint`` and ``--input_dir`` are checked before any work, and a mistake
+ends ``python -m monai.bundle run`` with one line that names the file or folder at fault and the
+flag to change (:class:`fedfms.errors.BundleInputError`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from monai.engines import PrepareBatch, default_prepare_batch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from fedfms.data.layouts import SAML_LABEL_TAGS
+from fedfms.data.layouts import SAML_LABEL_TAGS, detect_layout, is_prepared
 from fedfms.data.partition import SUMMARY, client_datalists
-from fedfms.errors import DataError
+from fedfms.errors import BundleInputError, DataError
 from fedfms.io import load_json, strip_volume_suffix, volume_suffix
 from fedfms.models import build_model
 from fedfms.models.litemedsam import PACKAGED, resolve_checkpoint
@@ -35,6 +41,67 @@ CHECKED_PREPARATION = (
     "axcodes", "lower_percentile", "upper_percentile", "zscore", "num_slices",
     "all_label_slices", "multi_class", "num_classes", "keep_empty",
 )
+
+
+PRETRAINED_CHOICES = (
+    "pass --pretrained_checkpoint /path/to/sam_vit_b_01ec64.pth (a local file; nothing is downloaded), "
+    f"--pretrained_checkpoint {PACKAGED} for the packaged LiteMedSAM weights (size lite), "
+    "or --pretrained_checkpoint scratch to train from random weights"
+)
+UNCHECKED = object()  # check_inputs: no pretrained_checkpoint given (None is an unset one)
+PREPARED_DATA = "pass --dataset_dir the --out folder of `fedfms prepare` (it holds datalists/ and prepare.json), or run `make demo`"
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """``path`` as a user can find it: absolute, without ``..``."""
+    return os.path.normpath(os.path.abspath(path))
+
+
+def check_bundle_root(bundle_root: str | os.PathLike) -> None:
+    """First step of every bundle config's ``initialize``: ``--bundle_root`` must be the bundle's folder.
+
+    It runs before anything that reads the bundle's ``configs/method.json`` (which every other
+    setting depends on), so a wrong ``--bundle_root`` is named as such.
+    """
+    root = Path(bundle_root)
+    fix = "pass --bundle_root the bundle folder, the one that holds configs/method.json (the folder above the configs/ of --config_file)"
+    if not root.is_dir():
+        raise BundleInputError(DataError(_shown(root), f"--bundle_root does not exist; {fix}"))
+    if not (root / "configs" / "method.json").is_file():
+        what = "configs/method.json" if (root / "configs").is_dir() else "configs/ folder"
+        raise BundleInputError(DataError(_shown(root), f"--bundle_root is not a fedfms bundle folder (no {what}); {fix}"))
+    try:
+        read_method(root)
+    except DataError as err:
+        raise BundleInputError(err) from err
+
+
+def check_inputs(
+    dataset_dir: str | os.PathLike | None = None,
+    splits: Sequence[str] = (),
+    sites: str | Sequence[str] | None = None,
+    datalist_dir: str = "datalists",
+    preprocessing: dict | None = None,
+    pretrained_checkpoint: str | None | object = UNCHECKED,
+    input_dir: str | os.PathLike | None = None,
+) -> None:
+    """The bundle configs' input check (in ``initialize``, after :func:`check_bundle_root`), before any work.
+
+    The ``splits`` of the datalists under ``dataset_dir`` (as :func:`load_datalist` reads them:
+    the folder, the preparation record, every listed file), the pretrained weights
+    (:func:`pretrained_weights`) and the volumes of ``input_dir`` (:func:`volume_files`); each is
+    checked only if given. A problem raises :class:`BundleInputError`, which ends
+    ``python -m monai.bundle run`` with the message alone.
+    """
+    try:
+        for split in splits:
+            load_datalist(dataset_dir, split, sites, datalist_dir, preprocessing)
+        if pretrained_checkpoint is not UNCHECKED:
+            pretrained_weights(pretrained_checkpoint)
+        if input_dir is not None:
+            volume_files(input_dir)
+    except ValueError as err:  # DataError, or the ValueError of an unset pretrained_checkpoint
+        raise BundleInputError(err) from err
 
 
 def bundle_dir(bundle_root: str | os.PathLike) -> Path:
@@ -67,7 +134,7 @@ def load_datalist(
     """
     folder = Path(dataset_dir) / datalist_dir
     if not folder.is_dir():
-        raise DataError(folder, "no prepared datalists here; run `make demo`, or `fedfms prepare` then point dataset_dir at its output")
+        raise _no_datalists(Path(dataset_dir), datalist_dir)
     if preprocessing is not None:
         check_preparation(dataset_dir, preprocessing)
     available = sorted(p.stem for p in folder.glob("*.json") if p.stem != SUMMARY)
@@ -75,13 +142,29 @@ def load_datalist(
     wanted = client_datalists(folder) if sites is None else [sites] if isinstance(sites, str) else list(sites)
     unknown = sorted(set(wanted) - set(available))
     if unknown:
-        raise DataError(folder, f"no datalist for site(s) {', '.join(unknown)}; available: {', '.join(available)}")
+        raise DataError(folder, f"no datalist for site(s) {', '.join(unknown)}; available: {', '.join(available)} (change --sites)")
     samples: list[dict] = []
     for site in wanted:
         samples += _split_samples(folder / f"{site}.json", split)
     if not samples:
         raise DataError(folder, f"no {split!r} samples for site(s) {', '.join(wanted)}")
     return samples
+
+
+def _no_datalists(dataset_dir: Path, datalist_dir: str) -> DataError:
+    """Why ``dataset_dir`` has no ``datalist_dir`` folder, and which flag to change."""
+    shown = Path(_shown(dataset_dir))
+    if not dataset_dir.is_dir():
+        return DataError(shown, f"dataset_dir does not exist; {PREPARED_DATA}")
+    if is_prepared(dataset_dir):
+        return DataError(shown / datalist_dir, "no such datalist folder in this prepared dataset; pass --datalist_dir datalists, or a partition folder (partitions/<name>, written by `fedfms partition`)")
+    layout = detect_layout(dataset_dir)
+    if layout:
+        return DataError(shown, f"raw volumes in the {layout!r} layout, not prepared data (dataset_dir); prepare them with `fedfms prepare --src {shown} --layout {layout} --out DATA` and pass --dataset_dir DATA")
+    inside = sorted(d.name for d in dataset_dir.iterdir() if d.is_dir() and is_prepared(d))
+    if inside:
+        return DataError(shown, f"no datalists/ here, but {inside[0]}/ inside is prepared data; pass --dataset_dir {shown / inside[0]}")
+    return DataError(shown / datalist_dir, f"no prepared datalists here (dataset_dir); {PREPARED_DATA}")
 
 
 def _split_samples(path: Path, split: str) -> list[dict]:
@@ -92,7 +175,11 @@ def _split_samples(path: Path, split: str) -> list[dict]:
     for sample in samples:
         for key in ("image", "label"):
             if key in sample and not Path(sample[key]).is_file():
-                raise DataError(sample[key], f"listed in {path} ({split}) but missing; prepare the data again or fix the datalist")
+                raise DataError(
+                    sample[key],
+                    f"listed in {path} ({split} {key}) but missing; prepare the data again (`fedfms prepare`), "
+                    f"remove the entry from {path.name}, or pass --dataset_dir a complete copy",
+                )
     return samples
 
 
@@ -166,7 +253,10 @@ def bundle_workflow(bundle_root: str | os.PathLike, config_files: Sequence[str],
         logging_file=False,
         **overrides,
     )
-    workflow.initialize()
+    try:
+        workflow.initialize()
+    except BundleInputError as stop:  # the CLI's one-line exit; callers get the error itself
+        raise stop.error from None
     return workflow
 
 
@@ -213,18 +303,22 @@ def build_network(pretrained_checkpoint: str | None = REQUIRED, init_seed: int =
     Weights are initialised from ``init_seed``, so every federated site and the server build the
     same starting network (frozen layers never travel, so they must agree from the start).
     """
-    if pretrained_checkpoint in (None, "", REQUIRED):
-        raise ValueError(
-            "pretrained_checkpoint is required: pass --pretrained_checkpoint /path/to/sam_vit_b_01ec64.pth "
-            f"(a local file; nothing is downloaded), --pretrained_checkpoint {PACKAGED} for the packaged LiteMedSAM weights (size lite), "
-            "or --pretrained_checkpoint scratch to train from random weights"
-        )
-    checkpoint = None if str(pretrained_checkpoint).lower() in SCRATCH else resolve_checkpoint(pretrained_checkpoint)
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise DataError(checkpoint, "pretrained checkpoint not found")
+    checkpoint = pretrained_weights(pretrained_checkpoint)
     with torch.random.fork_rng():
         torch.manual_seed(init_seed)
         return build_model(checkpoint=checkpoint, **options)
+
+
+def pretrained_weights(pretrained_checkpoint: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The weights file ``pretrained_checkpoint`` names (``None`` for ``scratch``); unset or missing is an error."""
+    if pretrained_checkpoint in (None, "", REQUIRED):
+        raise ValueError(f"pretrained_checkpoint is required: {PRETRAINED_CHOICES}")
+    if str(pretrained_checkpoint).lower() in SCRATCH:
+        return None
+    checkpoint = resolve_checkpoint(pretrained_checkpoint)
+    if not Path(checkpoint).is_file():
+        raise DataError(_shown(checkpoint), f"pretrained checkpoint not found (pretrained_checkpoint); {PRETRAINED_CHOICES}")
+    return checkpoint
 
 
 LOSSES = ("bce", "dice", "dice_ce")
@@ -261,8 +355,8 @@ def volume_files(path: str | os.PathLike) -> list[str]:
     if path.is_file():
         return [str(path)]
     if not path.is_dir():
-        raise DataError(path, "no such file or folder to run inference on")
+        raise DataError(_shown(path), "no such file or folder to run inference on; pass --input_dir a volume or a folder of volumes")
     files = [str(p) for p in sorted(path.iterdir()) if volume_suffix(p) and not p.name.startswith(".") and not strip_volume_suffix(p).endswith(SAML_LABEL_TAGS)]
     if not files:
-        raise DataError(path, "no volumes (.nii, .nii.gz, .mha, .nrrd) in this folder")
+        raise DataError(_shown(path), "no volumes (.nii, .nii.gz, .mha, .nrrd) in this folder; pass --input_dir a volume or a folder of volumes")
     return files

@@ -2,7 +2,10 @@
 
 Exit codes: 0 success; 2 bad input or arguments (the message names the file and the problem);
 3 ``prepare --on-error skip`` finished but skipped files (listed in the summary); 4 ``report`` of
-a run that has no final test table (it aborted or never reached its final evaluation).
+a run that has no final test table (it aborted or never reached its final evaluation), or a
+``simulate`` run that did not complete (no records, ended early or aborted, no final test table);
+5 ``simulate``: ``nvflare simulator`` could not start or exited non-zero; 6 ``simulate``: the
+simulator ran past ``--timeout`` and was stopped; 130 ``simulate`` interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -164,6 +167,44 @@ def _job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from fedfms.fl.simulate import simulate
+
+    given = [("-n", args.n_clients), ("-c", args.clients), ("-t", args.threads), ("-gpu", args.gpu), ("-l", args.log_config), ("-m", args.max_clients)]
+    simulator_args = [word for flag, value in given if value is not None for word in (flag, str(value))]
+    simulator_args += ["--end_run_for_all"] if args.end_run_for_all else []
+    return simulate(args.job, args.workspace, simulator_args, timeout=args.timeout, png=args.png, stream=args.stream)
+
+
+def _add_simulate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "simulate",
+        help="run a job in `nvflare simulator`, print its report, and exit non-zero unless the run completed",
+        description="Runs `nvflare simulator JOB -w WORKSPACE ...` with the same arguments, keeps its output in "
+        "WORKSPACE/simulator.log, then judges the run by its records (run_status.json, round_metrics.json, "
+        "final_test.json), as `fedfms report` reads them, and prints the report. `nvflare simulator` alone exits 0 "
+        "even when every site failed.",
+        epilog="Exit codes: 0 the run completed and the final model was scored; 2 nothing started: JOB is not a job "
+        "folder, WORKSPACE holds the job or this folder (the simulator empties it), or bad arguments; 4 the run did "
+        "not complete (no records, ended early or aborted, no final test table; the log's errors are shown); 5 nvflare "
+        "simulator could not start or exited non-zero (the log's last lines are shown); 6 it ran past --timeout and "
+        "was stopped with every process it started; 130 interrupted (Ctrl-C), stopped the same way.",
+    )
+    p.add_argument("job", help="a job folder, e.g. jobs/fedmsa_prostate or one written by `fedfms job`")
+    p.add_argument("-w", "--workspace", required=True, help="simulator workspace (emptied by the simulator when it starts)")
+    p.add_argument("-n", "--n_clients", type=int, help="number of sites, named site-1..N")
+    p.add_argument("-c", "--clients", help="site names, comma separated (e.g. the hospitals: BMC,I2CVB,RUNMC)")
+    p.add_argument("-t", "--threads", type=int, help="sites running at the same time (client processes)")
+    p.add_argument("-gpu", "--gpu", help="nvflare simulator: GPU ids, comma separated")
+    p.add_argument("-l", "--log_config", help="nvflare simulator: log mode (concise, msg_only, full, verbose), file or level")
+    p.add_argument("-m", "--max_clients", type=int, help="nvflare simulator: maximum number of clients")
+    p.add_argument("--end_run_for_all", action="store_true", help="nvflare simulator: fire END_RUN for all clients")
+    p.add_argument("--timeout", type=float, help="seconds the simulator may run; then it is stopped with every process it started (exit 6)")
+    p.add_argument("--stream", action="store_true", help="also print the simulator's output as it runs (it is kept in WORKSPACE/simulator.log either way)")
+    p.add_argument("--png", help="where to write the Dice-per-round plot (default: in the server app folder)")
+    p.set_defaults(run=_simulate)
+
+
 def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic data in a real raw layout")
     kinds = synth.add_subparsers(dest="kind", required=True)
@@ -256,6 +297,8 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_job(commands: argparse._SubParsersAction) -> None:
+    from fedfms.fl.robust import COMBINES
+
     p = commands.add_parser("job", help="a configured copy of a job folder: profile, data, rounds, resume")
     p.add_argument("job", help="a job folder, e.g. jobs/fedmsa_prostate")
     p.add_argument("--out", required=True, help="new job folder to write (must not exist)")
@@ -282,6 +325,15 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the run: initial weights, each site's data order and augmentation (default 0)")
     p.add_argument("--override", dest="overrides", action="append", type=_bundle_override, metavar="KEY=VALUE",
                    help="any other bundle key for every network and learner of the job, VALUE as JSON (e.g. learning_rate=1e-4, train#samples_per_epoch=32)")
+    robust = p.add_argument_group("silent and hostile sites")
+    robust.add_argument("--wait-after-min-received", type=int, metavar="SECONDS",
+                        help="seconds the other sites get once min_clients have answered: what a hung site costs per round (jobs: 60; paper profile: 3600)")
+    robust.add_argument("--max-abs-value", type=float, help="refuse an update holding a value larger in magnitude (default 1e4)")
+    robust.add_argument("--max-change-norm", type=float, help="refuse an update whose change against the global model has a larger L2 norm (default: no bound)")
+    robust.add_argument("--max-change-ratio", type=float, help="refuse an update whose change norm is more than this times the median of the other sites' (default 10)")
+    robust.add_argument("--clip-norm", type=float, help="scale each accepted change down to this L2 norm")
+    robust.add_argument("--aggregation", choices=COMBINES, help="mean (FedAvg, weighted), or the robust coordinate-wise median or trimmed_mean (unweighted; on the LoRA products in a LoRA-SVD job)")
+    robust.add_argument("--trim-fraction", type=float, help="trimmed_mean: share of values dropped at each end per coordinate (default 0.2)")
     p.set_defaults(run=_job)
 
 
@@ -335,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(commands)
     _add_report(commands)
     _add_job(commands)
+    _add_simulate(commands)
     _add_bundles(commands)
     _add_experiment(commands)
     return parser

@@ -2,10 +2,8 @@
 
 import json
 import re
-import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk

@@ -1,6 +1,5 @@
 """Bad input: every problem is named with its file, under --on-error stop and skip."""
 
-import gzip
 from pathlib import Path
 
 import numpy as np

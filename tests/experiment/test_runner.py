@@ -55,7 +55,7 @@ def _finite(value) -> bool:
 
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end(tiny_data, tmp_path, capsys):
-    """Two methods x local, centralized and federated, 1 round, on 64 px data; one cell made to fail (its data folder does not exist)."""
+    """FLAP-SAM local, centralized and federated and MSA centralized, 1 round, on 64 px data; one cell made to fail (its data folder does not exist)."""
     missing = tmp_path / "no_such_data"
     config = write_config(tmp_path, f"""
 name: tiny
@@ -69,17 +69,17 @@ threads: 2
 qualitative_slices: 2
 overrides: {{train#samples_per_epoch: 8}}
 methods:
-  - {{bundle: fedmsa_prostate, name: fedmsa_pt}}
+  - {{bundle: fedmsa_prostate, name: fedmsa_pt, settings: [centralized]}}
   - {{bundle: unet_prostate, name: broken, data: {missing}, settings: [local]}}
   - {{bundle: flapsam_prostate, name: flapsam_pt, data: {tiny_data / 'data_stack5'}}}
 """)
     out = tmp_path / "out"
     assert main(["experiment", str(config), "--out", str(out)]) == 4  # a cell failed
     printed = capsys.readouterr().out
-    ids = ["fedmsa_pt-local", "fedmsa_pt-centralized", "fedmsa_pt-federated", "broken-local", "flapsam_pt-local", "flapsam_pt-centralized", "flapsam_pt-federated"]
+    ids = ["fedmsa_pt-centralized", "broken-local", "flapsam_pt-local", "flapsam_pt-centralized", "flapsam_pt-federated"]
     for index, cell in enumerate(ids, start=1):
-        assert f"[{index}/7] {cell} " in printed and "| elapsed " in printed
-    assert "[1/7] fedmsa_pt-local ok " in printed and " left (6 cells x " in printed
+        assert f"[{index}/5] {cell} " in printed and "| elapsed " in printed
+    assert "[1/5] fedmsa_pt-centralized ok " in printed and " left (4 cells x " in printed
     results = {cell: json.loads((out / "cells" / cell / "result.json").read_text()) for cell in ids}
 
     # The failed cell is recorded with its reason and log; every other cell completed.
@@ -103,7 +103,7 @@ methods:
     # Both table layouts, with finite numbers.
     tables = {t["name"]: t for t in json.loads((out / "report" / "tables.json").read_text())}
     fedfms = tables["fedfms_table1_dice_2d"]
-    assert [(r["method"], r["cell"]) for r in fedfms["rows"]] == [("FedMSA-PT", "fedmsa_pt-federated"), ("MSA-PT", "fedmsa_pt-centralized")]
+    assert [(r["method"], r["cell"]) for r in fedfms["rows"]] == [("MSA-PT", "fedmsa_pt-centralized")]
     assert all(_finite(r[c]) for r in fedfms["rows"] for c in (*sites, "average"))
     assert fedfms["rules"][0].startswith("dice_2d: 2D Dice per test slice") and "empty-slice rule" in fedfms["rules"][0]
     [flap] = tables["flapsam_table1"]["rows"]
@@ -118,5 +118,5 @@ methods:
     assert main(["experiment", str(config), "--out", str(out)]) == 4
     printed = capsys.readouterr().out
     assert all(f"{cell} finished earlier, skipped" in printed for cell in results)
-    assert "broken-local: running (failed before: again)" in printed and "6 of 7 cells ok" in printed
+    assert "broken-local: running (failed before: again)" in printed and "4 of 5 cells ok" in printed
     assert {cell: json.loads((out / "cells" / cell / "result.json").read_text())["finished"] for cell in results} == finished

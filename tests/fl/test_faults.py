@@ -7,6 +7,12 @@ any acceptable update; the second has sites fail, hang and die.
 """
 
 import json
+import os
+import re
+import signal
+import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +21,8 @@ from nvflare.apis.fl_constant import FLMetaKey
 
 from fedfms.bundle import bundle_network
 from fedfms.cli import main
-from tests.fl.conftest import APP, job_copy, simulate
+from fedfms.fl.site_settings import SETTINGS_ENV
+from tests.fl.conftest import APP, NVFLARE, REPO, job_copy, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +30,25 @@ FROZEN = "image_encoder.pos_embed"  # a weight the FedMSA strategy does not exch
 SITES = ("site-1", "site-2", "site-3")
 
 
-def drill_job(tmp_path: Path, data: Path, faults: list[dict], rounds: int, min_clients: int, timeout: int) -> Path:
+LIVENESS = {"liveness_interval": 2, "liveness_timeout": 3}  # probes of silent sites, quicker than the jobs' 10 s
+SERVER_CHECKS = {"server_check_interval": 2, "server_check_timeout": 3, "server_check_misses": 2}  # the sites' checks of the server
+
+
+def drill_job(tmp_path: Path, data: Path, faults: list[dict], rounds: int, min_clients: int, timeout: int, wait: int = 60, **options) -> Path:
     """The shipped FedMSA job on a tiny SAM from random weights (a ViT with the frozen ``FROZEN``; many short
     rounds), with the drill learner and the outgoing-update recorder at every site."""
-    job = job_copy("fedmsa_prostate", tmp_path, data, rounds, min_clients=min_clients, task_timeout=timeout, size="tiny", pretrained=False)
+    job = job_copy(
+        "fedmsa_prostate", tmp_path, data, rounds, min_clients=min_clients, task_timeout=timeout, wait_after_min_received=wait,
+        size="tiny", pretrained=False, **options,
+    )
+    server_config = job / "app/config/config_fed_server.json"
+    server = json.loads(server_config.read_text())
+    for workflow in server["workflows"]:
+        workflow["args"].update(LIVENESS)
+    server_config.write_text(json.dumps(server, indent=2))
     config = job / "app/config/config_fed_client.json"
     client = json.loads(config.read_text())
+    client["executors"][0]["executor"]["args"].update(SERVER_CHECKS)
     learner = client["components"][0]
     learner["path"] = "fedfms.fl.drills.FaultInjectingLearner"
     learner["args"]["faults"] = faults
@@ -69,9 +89,11 @@ BAD_UPDATES = [
     {"site": "site-1", "round": 3, "kind": "weight", "value": -5},
     {"site": "site-2", "round": 3, "kind": "weight", "value": "nan"},
     {"site": "site-1", "round": 4, "kind": "nan_inf"},  # round 4: site-2 and site-3 are averaged
-    {"site": "site-1", "round": 5, "kind": "missing_keys"},
-    {"site": "site-2", "round": 5, "kind": "wrong_shape", "delay": 4},  # arrives last
-    {"site": "site-3", "round": 5, "kind": "weight", "value": 1000},  # more than it reported at first
+    {"site": "site-1", "round": 5, "kind": "scale", "factor": 1e6},  # finite, but far out of range
+    {"site": "site-2", "round": 6, "kind": "boost", "factor": 100},  # a plausible update pulling 100 times as hard
+    {"site": "site-1", "round": 7, "kind": "missing_keys"},
+    {"site": "site-2", "round": 7, "kind": "wrong_shape", "delay": 4},  # arrives last
+    {"site": "site-3", "round": 7, "kind": "weight", "value": 1000},  # more than it reported at first
 ]
 REASONS = {
     (0, "site-1"): "non-finite values (NaN or Inf)",
@@ -83,9 +105,11 @@ REASONS = {
     (3, "site-1"): "sample count -5.0 is not a finite positive number",
     (3, "site-2"): "sample count nan is not a finite positive number",
     (4, "site-1"): "non-finite values (NaN or Inf)",
-    (5, "site-1"): "exchanged keys missing",
-    (5, "site-2"): "shape (",
-    (5, "site-3"): "sample count 1000 is above the",
+    (5, "site-1"): "above the bound 10000 (max_abs_value)",
+    (6, "site-2"): "of the other sites' changes this round, above the bound 10 (max_change_ratio)",
+    (7, "site-1"): "exchanged keys missing",
+    (7, "site-2"): "shape (",
+    (7, "site-3"): "sample count 1000 is above the",
 }
 
 
@@ -98,7 +122,7 @@ def run_drill(fl_data: Path, tmp_path_factory, name: str, faults: list[dict], **
 
 @pytest.fixture(scope="module")
 def bad_update_run(fl_data, tmp_path_factory):
-    return run_drill(fl_data, tmp_path_factory, "bad_updates", BAD_UPDATES, rounds=8, min_clients=1, timeout=120)
+    return run_drill(fl_data, tmp_path_factory, "bad_updates", BAD_UPDATES, rounds=10, min_clients=1, timeout=120)
 
 
 def test_bad_updates_are_rejected_whole_with_their_reason(bad_update_run):
@@ -109,19 +133,30 @@ def test_bad_updates_are_rejected_whole_with_their_reason(bad_update_run):
         assert row["status"] == "rejected" and not row["accepted"] and reason in row["reason"], row
         assert f"round {round_} {site}: accepted=False, status=rejected" in log
     accepted = {key for key, row in rows.items() if row["status"] == "accepted"}
-    assert accepted == {(r, "site-3") for r in range(4)} | {(4, "site-2"), (4, "site-3")}
+    assert accepted == {(r, "site-3") for r in range(4)} | {(r, s) for r in (4, 5) for s in ("site-2", "site-3")} | {(6, "site-1"), (6, "site-3")}
+    assert all(row["weight"] == row["num_train_samples"] > 0 and row["change_norm"] > 0 for key, row in rows.items() if key in accepted)
     assert "Traceback" not in log and "Unsuccessful callback" not in log
+
+
+def test_finite_but_poisoned_updates_leave_the_global_model_the_mean_of_the_others(bad_update_run):
+    tmp_path, _, workspace = bad_update_run
+    rows = _rows(workspace)
+    scaled = _sent(tmp_path, "site-1", 5)["data"]
+    assert max(float(v.abs().max()) for v in scaled.values() if v.is_floating_point()) > 1e5  # it was sent, and refused
+    boosted, honest = rows[(6, "site-2")], [rows[(6, s)]["change_norm"] for s in ("site-1", "site-3")]
+    assert float(boosted["reason"].split("change norm ")[1].split()[0]) > 10 * sorted(honest)[0]
+    _assert_weighted_mean(tmp_path, workspace, 6, ["site-1", "site-3"])  # the global model the run ends with
 
 
 def test_a_round_without_acceptable_updates_ends_the_run_on_the_last_good_model(bad_update_run, fl_data):
     tmp_path, log, workspace = bad_update_run
     status = json.loads((workspace / APP / "run_status.json").read_text())
-    assert status["status"] == "ended_early" and status["rounds_completed"] == 5
-    assert "round 5: 0 acceptable updates of 3 sites, fewer than min_clients 1" in status["reason"]
-    assert "Round 6 started." not in log
+    assert status["status"] == "ended_early" and status["rounds_completed"] == 7
+    assert "round 7: 0 acceptable updates of 3 sites, fewer than min_clients 1" in status["reason"]
+    assert "Round 8 started." not in log
     saved = torch.load(workspace / APP / "FL_global_model.pt", weights_only=False)
-    assert saved["meta_props"]["completed_rounds"] == 5  # the global model of round 4, untouched by round 5
-    _assert_weighted_mean(tmp_path, workspace, 4, ["site-2", "site-3"])
+    assert saved["meta_props"]["completed_rounds"] == 7  # the global model of round 6, untouched by round 7
+    _assert_weighted_mean(tmp_path, workspace, 6, ["site-1", "site-3"])
     initial = bundle_network("bundles/fedmsa_prostate", ["train.json", "cpu_demo.json"], size="tiny", pretrained_checkpoint="scratch")
     assert torch.equal(torch.as_tensor(saved["model"][FROZEN]), initial.state_dict()[FROZEN])  # never overwritten
     final = {r["site"]: r for r in json.loads((workspace / APP / "final_test.json").read_text())}
@@ -132,36 +167,104 @@ def test_report_shows_the_refused_updates_and_the_early_end(bad_update_run, caps
     _, _, workspace = bad_update_run
     assert main(["report", str(workspace)]) == 0
     out = capsys.readouterr().out
-    assert "run ENDED EARLY: round 5: 0 acceptable updates" in out
-    assert "contributions: 18 expected: 6 accepted, 12 rejected, 0 failed, 0 timed out, 0 late" in out
+    assert "run ENDED EARLY: round 7: 0 acceptable updates" in out
+    assert "contributions: 24 expected: 10 accepted, 14 rejected, 0 failed, 0 timed out, 0 lost, 0 late" in out
     assert f"round 1 site-1: rejected: key {FROZEN} is frozen" in out
 
 
 FAILURES = [
     {"site": "site-2", "round": 1, "kind": "exception"},
-    {"site": "site-3", "round": 2, "kind": "hang", "seconds": 35},  # longer than the 25 s task timeout
-    {"site": "site-1", "round": 3, "kind": "die"},
+    {"site": "site-3", "round": 2, "kind": "hang", "seconds": 15},  # silent: the others answer, it gets 5 s more
+    {"site": "site-1", "round": 3, "kind": "die"},  # lost: never sampled again, skipped by the final evaluation
+    {"site": "site-2", "task": "validate", "round": 0, "kind": "hang", "seconds": 900},  # hangs in the final evaluation
 ]
+TASK_TIMEOUT, WAIT = 300, 5
 
 
 @pytest.fixture(scope="module")
 def failure_run(fl_data, tmp_path_factory):
-    # 25 s: round 0's task time includes the sites' start-up (three processes importing torch on two cores).
-    return run_drill(fl_data, tmp_path_factory, "failures", FAILURES, rounds=4, min_clients=2, timeout=25)
+    started = time.monotonic()
+    run = run_drill(fl_data, tmp_path_factory, "failures", FAILURES, rounds=5, min_clients=1, timeout=TASK_TIMEOUT, wait=WAIT)
+    return (*run, time.monotonic() - started)
 
 
-def test_failed_silent_and_dead_sites_do_not_stop_the_run(failure_run):
-    tmp_path, log, workspace = failure_run
+def _round_seconds(log: str) -> dict[str, float]:
+    """Seconds from each "Round N started." (and "Finished FedAvg.") of the server log to the next such line."""
+    marks = re.findall(r"^(\S+ \S+) - .*\n[-=]+\n\s+(Round \d+ started\.|Finished FedAvg\.)", log, re.M)
+    times = [(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f"), name) for stamp, name in marks]
+    return {name: (later - earlier).total_seconds() for (earlier, name), (later, _) in zip(times, times[1:])}
+
+
+def test_failed_silent_and_dead_sites_cost_seconds_and_are_recorded(failure_run):
+    tmp_path, log, workspace, wall = failure_run
     rows = _rows(workspace)
-    assert rows[(1, "site-2")]["status"] == "failed" and "EXECUTION_EXCEPTION" in rows[(1, "site-2")]["reason"]
-    assert rows[(2, "site-3")]["status"] == "timed_out"
-    assert rows[(3, "site-1")]["status"] == "timed_out"  # dead from round 3 on (the final evaluation below too)
-    assert rows[(3, "site-3")]["status"] == "accepted"  # back after hanging: joined the next round
-    # NVFlare's client asks whether its task still stands before sending, so the hung answer is dropped there.
+    failed = rows[(1, "site-2")]
+    assert failed["status"] == "failed" and "EXECUTION_EXCEPTION: " in failed["reason"]
+    assert "injected fault: train failed at site-2 in round 1" in failed["reason"]  # the site's own message
+    assert rows[(2, "site-3")]["status"] == "timed_out" and f"no answer within {WAIT} s after" in rows[(2, "site-3")]["reason"]
+    lost = rows[(3, "site-1")]
+    assert lost["status"] == "lost" and "lost connection: its job process did not answer" in lost["reason"]
+    assert (4, "site-1") not in rows and "round 4 trains on ['site-2', 'site-3']; lost: ['site-1']" in log
+    assert rows[(4, "site-3")]["status"] == "accepted"  # back after hanging
     assert {r for r, row in rows.items() if row["status"] == "late"} <= {(2, "site-3")}
     status = json.loads((workspace / APP / "run_status.json").read_text())
     assert status["status"] == "completed" and "Finished FedAvg." in log
-    _assert_weighted_mean(tmp_path, workspace, 3, ["site-2", "site-3"])
+    _assert_weighted_mean(tmp_path, workspace, 4, ["site-2", "site-3"])
     final = {r["site"]: r for r in json.loads((workspace / APP / "final_test.json").read_text())}
-    assert final["site-1"].get("dice_2d") is None and "did not answer" in final["site-1"]["note"]
-    assert all(0 <= final[s]["dice_2d"] <= 1 for s in ("site-2", "site-3")) and final["average"]["note"] == "2 of 3 sites"
+    assert "no scores: lost in round 3: lost connection" in final["site-1"]["note"]
+    assert final["site-2"].get("dice_2d") is None and "did not answer" in final["site-2"]["note"]  # hung in the evaluation
+    assert 0 <= final["site-3"]["dice_2d"] <= 1 and final["average"]["note"] == "1 of 3 sites"
+    # What the faults cost: the dead site's round and every later one took far less than the task timeout,
+    # and the whole run (with a site asleep for 900 s in the final evaluation) ended on its own.
+    seconds = _round_seconds(log)
+    assert seconds["Round 3 started."] < TASK_TIMEOUT / 5 and seconds["Round 4 started."] < TASK_TIMEOUT / 5, seconds
+    assert wall < TASK_TIMEOUT, wall
+    assert "ending this site's job process" in log
+
+
+def test_a_site_that_fails_at_start_is_recorded_with_its_own_message(fl_data, tmp_path):
+    job = drill_job(tmp_path, fl_data / "data", [], rounds=1, min_clients=1, timeout=TASK_TIMEOUT, wait=WAIT)
+    data = {"site-1": fl_data / "data", "site-2": tmp_path / "missing", "site-3": fl_data / "data"}
+    for site, folder in data.items():  # each site's own settings file; site-2's names a folder that is not there
+        (tmp_path / f"{site}.json").write_text(json.dumps({"dataset_dir": str(folder)}))
+    log = simulate(job, tmp_path / "ws", expect_success=False, env={SETTINGS_ENV: str(tmp_path / "{site}.json")})
+    rows = _rows(tmp_path / "ws")
+    assert rows[(0, "site-2")]["status"] == "failed" and f"{tmp_path / 'missing'}" in rows[(0, "site-2")]["reason"]
+    assert log.count("Traceback") <= 2  # the failed initialisation, once; not once per task
+
+
+def _start_simulator(job: Path, workspace: Path) -> subprocess.Popen:
+    command = [str(NVFLARE), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for_row(workspace: Path, key: tuple[int, str], process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if (workspace / APP / "round_metrics.json").is_file() and key in _rows(workspace):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no row {key} within {seconds} s (simulator exit code {process.poll()})")
+
+
+def test_a_server_killed_mid_round_resumes_with_one_row_per_contribution_and_its_bounds(fl_data, tmp_path):
+    interrupted = [{"site": "site-1", "round": 2, "kind": "nan"}, {"site": "site-3", "round": 2, "kind": "hang", "seconds": 120}]
+    first = drill_job(tmp_path / "first", fl_data / "data", interrupted, rounds=4, min_clients=3, timeout=TASK_TIMEOUT, wait=WAIT)
+    process = _start_simulator(first, tmp_path / "ws1")
+    try:
+        _wait_for_row(tmp_path / "ws1", (2, "site-1"), process, seconds=240)  # round 2 is under way, a row of it written
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the whole simulator: server and sites
+        process.wait()
+    saved = tmp_path / "ws1" / APP
+    assert torch.load(saved / "FL_global_model.pt", weights_only=False)["meta_props"]["completed_rounds"] == 2
+    inflated = [{"site": "site-2", "round": 3, "kind": "weight", "value": 100000}]  # after the restart
+    second = drill_job(tmp_path / "second", fl_data / "data", inflated, rounds=4, min_clients=1, timeout=TASK_TIMEOUT, wait=WAIT, resume_from=str(saved))
+    log = simulate(second, tmp_path / "ws2", expect_success=False)
+    assert "resuming at round 2: 2 of 4 rounds left" in log
+    rows = json.loads((tmp_path / "ws2" / APP / "round_metrics.json").read_text())
+    assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in range(4) for s in SITES]  # once each
+    assert rows[-1]["round"] == 3 and _rows(tmp_path / "ws2")[(2, "site-1")]["status"] == "accepted"  # round 2's new rows
+    refused, first = _rows(tmp_path / "ws2")[(3, "site-2")], _rows(tmp_path / "ws2")[(0, "site-2")]["weight"]
+    assert refused["status"] == "rejected" and f"sample count 100000 is above the {first:g} the site reported in its first update" in refused["reason"]
+    assert json.loads((tmp_path / "ws2" / APP / "run_status.json").read_text())["status"] == "completed"

@@ -25,14 +25,16 @@ SCORES = {
 
 
 def run_final_evaluation(tmp_path, monkeypatch) -> list[dict]:
-    """FinalEvaluation.run with the server's engine, persistor and broadcast replaced by stand-ins."""
+    """FinalEvaluation.run with the server's engine, persistor and task collection replaced by stand-ins."""
     controller = FinalEvaluation(task_timeout=5)
     controller.fl_ctx = FLContext()
     controller.fl_ctx.set_prop(FLContextKey.APP_ROOT, str(tmp_path), private=True, sticky=False)
-    controller.engine = SimpleNamespace(get_clients=lambda: [SimpleNamespace(name=s) for s in ("site-1", "site-2", "site-3")])
+    controller.engine = SimpleNamespace(
+        get_clients=lambda: [SimpleNamespace(name=s) for s in ("site-1", "site-2", "site-3")], get_component=lambda component_id: None
+    )
     controller.persistor = SimpleNamespace(final_model=lambda fl_ctx: make_model_learnable({"w": np.zeros(1)}, {}), norm_statistics="global")
     answers = [FLModel(metrics=dict(m), meta={"client_name": s}) for s, m in SCORES.items()]
-    monkeypatch.setattr(controller, "broadcast_model", lambda **kwargs: answers)
+    monkeypatch.setattr(controller, "_collect", lambda targets, model: answers)
     controller.run()
     return json.loads((tmp_path / "final_test.json").read_text())
 

@@ -15,7 +15,7 @@ from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
 from fedfms.fl.learner import site_datalist
 from fedfms.models import count_parameters
-from tests.fl.conftest import APP, REPO, check_federated_run, job_copy, same_model, simulate
+from tests.fl.conftest import APP, check_federated_run, job_copy, same_model, simulate
 
 pytestmark = pytest.mark.slow
 

@@ -70,10 +70,29 @@ def test_paper_profile_server_builds_vit_b_from_the_official_checkpoint(tmp_path
     assert torch.equal(network.state_dict()[key], official.state_dict()[key])  # loaded, not re-initialised
 
 
+def _saved_global_model(job: str, folder: Path) -> Path:
+    """The job's own initial network saved as a global model after 2 rounds, with the job's server config beside it, as a run leaves them."""
+    server = json.loads((REPO / "jobs" / job / "app/config/config_fed_server.json").read_text())
+    network = bundle_network(**next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]["args"])
+    (folder / "config").mkdir(parents=True)
+    (folder / "config/config_fed_server.json").write_text(json.dumps(server))
+    torch.save({"model": network.state_dict(), "meta_props": {"completed_rounds": 2}}, folder / "FL_global_model.pt")
+    return folder / "FL_global_model.pt"
+
+
+def test_resuming_a_run_of_another_job_is_refused_before_any_work(tmp_path):
+    unet = _saved_global_model("fedunet_prostate", tmp_path / "unet_run")
+    with pytest.raises(DataError, match="holds a global model of another network .*keys missing, e.g. .*keys this job.s network does not have"):
+        configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "a", JobOptions(resume_from=str(unet.parent)))
+    fminit = json.loads((REPO / "jobs/fminit_prostate/app/config/config_fed_server.json").read_text())
+    (unet.parent / "config/config_fed_server.json").write_text(json.dumps(fminit))
+    with pytest.raises(DataError, match="is a run of another job: its server workflows were .*FMInstructedInit"):
+        configure_job(REPO / "jobs/fedunet_prostate", tmp_path / "b", JobOptions(resume_from=str(unet.parent)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_options_override_rounds_and_resume(tmp_path):
-    model = tmp_path / "earlier" / "FL_global_model.pt"
-    model.parent.mkdir()
-    torch.save({"model": {"w": torch.zeros(1)}, "meta_props": {"completed_rounds": 2}}, model)
+    model = _saved_global_model("flapsam_prostate", tmp_path / "earlier")
     options = JobOptions(num_rounds=3, local_epochs=4, resume_from=str(model.parent), task_timeout=90, min_clients=3)
     out = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "more", options)
     client, server = _configs(out)
@@ -191,6 +210,29 @@ def test_every_shipped_job_checks_updates_and_bounds_its_tasks(job):
     assert all(w["args"]["task_timeout"] > 0 for w in server["workflows"] if "task_timeout" in w["args"] or w["path"].endswith("FinalEvaluation"))
     ids = {c["id"]: c["path"] for c in server["components"]}
     assert ids["update_validator"] == "fedfms.fl.update_check.UpdateValidator" and ids["contributions"] == "fedfms.fl.recorder.ContributionRecorder"
+    assert ids["run_presence"] == "fedfms.fl.liveness.RunPresence"  # answers the sites' checks that the run goes on
+    waits = [w["args"]["wait_time_after_min_received"] for w in server["workflows"] if w["path"].endswith(("ResumableFedAvg", "FinalEvaluation"))]
+    assert waits == [60, 60]  # a silent site costs a minute per round, not the task timeout
+    assert client["executors"][0]["executor"]["path"] == "fedfms.fl.executor.ReportingLearnerExecutor"
+
+
+def test_robustness_options_set_the_bounds_clipping_and_aggregation(tmp_path):
+    options = JobOptions(wait_after_min_received=15, max_abs_value=100.0, max_change_norm=5.0, max_change_ratio=4.0, clip_norm=2.0, aggregation="median")
+    _, server = _configs(configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "robust", options))
+    fedavg = server["workflows"][0]["args"]
+    assert fedavg["aggregator"] == {"path": "fedfms.fl.robust.RobustAggregator", "args": {"combine": "median"}} and fedavg["clip_change_norm"] == 2.0
+    assert [w["args"]["wait_time_after_min_received"] for w in server["workflows"]] == [15, 15]
+    validator = next(c for c in server["components"] if c["id"] == "update_validator")["args"]
+    assert (validator["max_abs_value"], validator["max_change_norm"], validator["max_change_ratio"]) == (100.0, 5.0, 4.0)
+    _, lora = _configs(configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "lora", JobOptions(aggregation="trimmed_mean", trim_fraction=0.3)))
+    aggregator = lora["workflows"][0]["args"]["aggregator"]  # the rule applies to the LoRA products
+    assert aggregator["path"].endswith("LoRASVDAggregator") and aggregator["args"] == {"combine": "trimmed_mean", "trim_fraction": 0.3}
+    _, paper = _configs(configure_job(REPO / "jobs/fedunet_prostate", tmp_path / "paper", JobOptions(profile="paper")))
+    assert [w["args"]["wait_time_after_min_received"] for w in paper["workflows"]] == [3600, 3600]
+    for bad, message in (({"aggregation": "mode"}, "unknown aggregation"), ({"clip_norm": 0}, "clip_norm must be positive"),
+                         ({"max_change_ratio": 0.5}, "at least 1"), ({"wait_after_min_received": -1}, ">= 0")):
+        with pytest.raises(ValueError, match=message):
+            JobOptions(**bad)
 
 
 def test_evaluate_only_site_given_when_the_data_is_elsewhere(tmp_path):

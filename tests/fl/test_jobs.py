@@ -81,9 +81,12 @@ def _weighted_mean_of_sent(run: Run, round_: int, sites: list[str], key: str) ->
     return sum(w * u["data"][key].double() for w, u in zip(weights, updates)) / sum(weights)
 
 
+TINY = {"size": "tiny", "pretrained": False}  # the same job on a tiny SAM: the pretrained LiteMedSAM path runs in the fedsam test
+
+
 @pytest.fixture(scope="module")
 def fedmsa_run(fl_data, tmp_path_factory) -> Run:
-    return _run("fedmsa_prostate", fl_data, tmp_path_factory.mktemp("fedmsa"), rounds=2)
+    return _run("fedmsa_prostate", fl_data, tmp_path_factory.mktemp("fedmsa"), rounds=2, **TINY)
 
 
 def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fedmsa_run, tmp_path):
@@ -104,14 +107,14 @@ def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fedmsa_run, 
 def test_fedmsa_job_on_one_client_process_computes_the_same_model(fedmsa_run, fl_data, tmp_path):
     """`-t 1`, the simulator's default: every task of every site runs in a process of its own, and from round 1 the
     global model arrives as torch tensors. Every contribution is accepted and the model is bit for bit the one of `-t 3`."""
-    run = _run("fedmsa_prostate", fl_data, tmp_path, rounds=2, threads=1)
+    run = _run("fedmsa_prostate", fl_data, tmp_path, rounds=2, threads=1, **TINY)
     assert run.log.count("ClientTaskWorker started to run") >= 9  # 2 rounds + the final test, 3 sites: a process per task
     check_federated_run(run, rounds=[0, 1], sites=["site-1", "site-2", "site-3"])
     assert same_model(run.app / "FL_global_model.pt", fedmsa_run.app / "FL_global_model.pt")
 
 
 def test_fedmsa_job_on_four_sites_with_two_client_processes(four_site_data, tmp_path):
-    run = _run("fedmsa_prostate", four_site_data.parent, tmp_path, rounds=2, clients=4, data=four_site_data.name, threads=2)
+    run = _run("fedmsa_prostate", four_site_data.parent, tmp_path, rounds=2, clients=4, data=four_site_data.name, threads=2, **TINY)
     check_federated_run(run, rounds=[0, 1], sites=[f"site-{n}" for n in range(1, 5)])
 
 
@@ -119,7 +122,7 @@ def test_restarted_server_resumes_its_rounds_records_and_best_model(fedmsa_run, 
     """A second run given the first one's server app folder continues at round 2 of 3, with its records and best model."""
     saved = tmp_path / "saved_app_server"
     shutil.copytree(fedmsa_run.app, saved)  # what the README says to keep before a restart
-    resumed = _run("fedmsa_prostate", fedmsa_run.data.parent, tmp_path, rounds=3, resume_from=str(saved))
+    resumed = _run("fedmsa_prostate", fedmsa_run.data.parent, tmp_path, rounds=3, resume_from=str(saved), **TINY)
     assert f"resuming from {saved / 'FL_global_model.pt'}, saved after 2 completed rounds" in resumed.log
     assert "resuming at round 2: 1 of 3 rounds left" in resumed.log
     assert "Round 2 started." in resumed.log and "Round 0 started." not in resumed.log and "Round 1 started." not in resumed.log

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from nvflare.apis.fl_constant import FLMetaKey
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedfms.fl.update_check import UpdateValidator
 
@@ -58,3 +58,49 @@ def test_keys_the_sites_privacy_filter_excludes_may_be_absent():
     validator = _validator(excluded_vars=r"^b\.")
     assert validator.check("site-1", _update(**{"b.bias": None})) is None
     assert "missing" in _validator(excluded_vars=r"^b\.").check("site-1", _update(**{"a.weight": None}))
+
+
+def test_a_finite_but_huge_value_is_refused_with_the_bound():
+    assert "a value of magnitude 1e+06, above the bound 10000 (max_abs_value)" in _validator().check("site-1", _update(**{"b.bias": torch.full((3,), 1e6)}))
+    assert _validator(max_abs_value=None).check("site-1", _update(**{"b.bias": torch.full((3,), 1e6)})) is None
+
+
+def test_the_change_against_the_global_model_is_measured():
+    validator = _validator()
+    assert validator.check("site-1", _update()) is None
+    assert validator.round_norms["site-1"] == pytest.approx(3.0)  # nine ones against the global model's zeros
+
+
+def test_an_absolute_change_bound_refuses_a_larger_change():
+    validator = _validator(max_change_norm=2.5)
+    reason = validator.check("site-1", _update())
+    assert "change norm 3 against the global model is above the bound 2.5 (max_change_norm)" in reason
+    diff = FLModel(params={k: torch.full(v.shape, 0.1) for k, v in GLOBAL.items()}, params_type=ParamsType.DIFF, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 5})
+    assert validator.check("site-2", diff) is None and validator.round_norms["site-2"] == pytest.approx(0.3)  # a DIFF is the change itself
+
+
+def test_a_change_far_above_the_other_sites_median_is_refused():
+    validator = _validator()
+    norms = {"site-1": 1.0, "site-2": 1.2, "site-3": 30.0}
+    refused = validator.check_round(norms)
+    assert list(refused) == ["site-3"] and "is 27.3 times the median 1.1 of the other sites' changes" in refused["site-3"]
+    assert validator.check_round({"site-1": 1.0, "site-2": 9.0}) == {}  # within 10 times
+    assert validator.check_round({"site-1": 5.0}) == {}  # nothing to compare with
+    assert validator.check_round({"site-1": 0.0, "site-2": 3.0}) == {}  # no change elsewhere: no ratio
+    assert _validator(max_change_ratio=None).check_round(norms) == {}
+
+
+def test_the_first_sample_counts_survive_a_restart():
+    validator = _validator()
+    validator.remember("site-1", _update(weight=10))
+    restored = _validator()
+    restored.restore(validator.state())
+    assert "above the 10 the site reported in its first update" in restored.check("site-1", _update(weight=11))
+    restored.restore(None)
+    assert restored.check("site-1", _update(weight=11)) is None
+
+
+@pytest.mark.parametrize("options", [{"max_abs_value": 0}, {"max_change_norm": -1}, {"max_change_ratio": 0.5}])
+def test_bounds_must_make_sense(options):
+    with pytest.raises(ValueError):
+        UpdateValidator(**options)

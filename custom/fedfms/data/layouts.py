@@ -8,7 +8,8 @@ Layouts:
                 (multi-parametric), the channel to use is recorded on each case.
 
 Readers only look at file names; they do not open volumes. A case whose label is missing is
-still returned (``label=None``) so that the caller can report it as bad input.
+still returned (``label=None``) so that the caller can report it as bad input. A folder with no
+case in the asked layout is reported with the layout it looks like (:func:`detect_layout`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from fedfms.io import load_json, strip_volume_suffix, volume_suffix
 
 LAYOUTS = ("saml", "fedfms", "msd")
 SAML_LABEL_TAGS = ("_segmentation", "_Segmentation")
+LAYOUT_SHAPES = {
+    "saml": "SRC/<SITE>/CaseNN.nii.gz with CaseNN_segmentation.nii.gz",
+    "fedfms": "SRC/<site>/images/<name> with SRC/<site>/labels/<name>",
+    "msd": "SRC/dataset.json indexing SRC/imagesTr and SRC/labelsTr",
+}
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,48 @@ def find_cases(src: str | os.PathLike, layout: str, *, msd_site: str = "MSD", ms
     elif layout == "fedfms":
         records = _find_fedfms(src)
     elif layout == "msd":
+        if not (src / "dataset.json").is_file():
+            raise DataError(src, "no dataset.json here, so this is not a Medical Segmentation Decathlon task folder (--layout msd)" + _layout_hint(src, layout))
         records = _find_msd(src, msd_site, msd_channel)
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if not records:
-        raise DataError(src, f"no volumes found in the {layout!r} layout")
+        raise DataError(src, f"no volumes found in the {layout!r} layout ({LAYOUT_SHAPES[layout]})" + _layout_hint(src, layout))
     return sorted(records, key=lambda r: (r.site, r.case))
+
+
+def detect_layout(src: str | os.PathLike) -> str | None:
+    """The raw layout the folder ``src`` looks like, from names only: ``msd``, ``fedfms``, ``saml``, or None."""
+    src = Path(src)
+    if not src.is_dir():
+        return None
+    if (src / "dataset.json").is_file() or (src / "imagesTr").is_dir():
+        return "msd"
+    sites = _site_dirs(src)
+    if any((site / "images").is_dir() and _volumes(site / "images") for site in sites):
+        return "fedfms"
+    if any(_volumes(site) for site in sites):
+        return "saml"
+    return None
+
+
+def is_prepared(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is the output of ``fedfms prepare`` (prepared samples, not raw volumes)."""
+    return (Path(folder) / "prepare.json").is_file() and (Path(folder) / "datalists").is_dir()
+
+
+def _layout_hint(src: Path, layout: str) -> str:
+    """What ``src`` holds instead of cases in ``layout``, and the flag to change (empty if nothing is recognised)."""
+    if is_prepared(src):
+        return "; it is a prepared dataset (the output of `fedfms prepare`): pass the raw data folder as --src (bundles read this one as --dataset_dir)"
+    found = detect_layout(src)
+    if found and found != layout:
+        return f"; it looks like the {found!r} layout ({LAYOUT_SHAPES[found]}): pass --layout {found}"
+    if found == "msd" and not (src / "dataset.json").is_file():
+        return f"; an MSD task folder needs its dataset.json ({LAYOUT_SHAPES['msd']})"
+    if _volumes(src):
+        return f"; its volumes lie directly in it, as in one site's folder: pass the folder above it as --src, or move them into a site folder (--layout saml expects {LAYOUT_SHAPES['saml']})"
+    return ""
 
 
 def _volumes(folder: Path) -> list[Path]:

@@ -17,10 +17,16 @@ Fault kinds (``{"site": "site-2", "round": 1, "kind": ..., ...}``; any fault may
     missing_keys   ``count`` exchanged keys (default 3) are left out
     wrong_shape    ``key`` (default: the last) loses its last element
     weight         the sample count (FedAvg's weight) is ``value``: 1e12, 0, -5, "nan", ...
+    scale          every floating tensor is multiplied by ``factor`` (finite, e.g. 1e6)
+    boost          the change against the received global model is multiplied by ``factor``
+                   (a plausible-looking update that pulls the average its way)
     exception      ``train`` raises
     hang           ``train`` sleeps ``seconds`` first (longer than the task timeout: a silent site)
     die            the site's process exits at once
     delay          ``train`` sleeps ``seconds`` first and then answers normally (arrival order)
+
+A fault with ``"task": "validate"`` happens in the final evaluation instead (kinds ``exception``,
+``hang``, ``die``; its ``round`` is ignored).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.fl.learner import BundleLearner
 
-FAULT_KINDS = ("nan", "nan_inf", "frozen_key", "unknown_key", "missing_keys", "wrong_shape", "weight", "exception", "hang", "die", "delay")
+FAULT_KINDS = ("nan", "nan_inf", "frozen_key", "unknown_key", "missing_keys", "wrong_shape", "weight", "scale", "boost", "exception", "hang", "die", "delay")
+FINAL_EVALUATION_KINDS = ("exception", "hang", "die")
 
 
 class FaultInjectingLearner(BundleLearner):
@@ -52,25 +59,39 @@ class FaultInjectingLearner(BundleLearner):
         unknown = sorted({f.get("kind") for f in self.faults} - set(FAULT_KINDS))
         if unknown:
             raise ValueError(f"unknown fault kinds {unknown}; expected {', '.join(FAULT_KINDS)}")
+        wrong = sorted({f["kind"] for f in self.faults if f.get("task") == "validate"} - set(FINAL_EVALUATION_KINDS))
+        if wrong:
+            raise ValueError(f"fault kinds {wrong} cannot happen in the final evaluation; expected {', '.join(FINAL_EVALUATION_KINDS)}")
 
     def train(self, model: FLModel) -> FLModel:
-        fault = next((f for f in self.faults if f["site"] == self.site_name and f["round"] == self.current_round), None)
+        fault = next((f for f in self.faults if f["site"] == self.site_name and f["round"] == self.current_round and f.get("task", "train") == "train"), None)
         if fault is None:
             return super().train(model)
+        global_params = {k: torch.as_tensor(v).clone() for k, v in model.params.items()} if fault["kind"] == "boost" else None
+        self._misbehave(fault, "train")
+        return _corrupt(super().train(model), fault, self.network, global_params)
+
+    def validate(self, model: FLModel) -> FLModel:
+        final = (model.meta or {}).get("split") == "testing"
+        fault = next((f for f in self.faults if final and f["site"] == self.site_name and f.get("task") == "validate"), None)
+        if fault is not None:
+            self._misbehave(fault, "the final evaluation")
+        return super().validate(model)
+
+    def _misbehave(self, fault: dict, where: str) -> None:
+        """The faults that happen before the work: a delay, an exception, a hang, a death."""
         self.warning(f"injecting fault {fault}")
         time.sleep(fault.get("delay", 0))
         kind = fault["kind"]
         if kind == "exception":
-            raise RuntimeError(f"injected fault: train() failed at {self.site_name} in round {self.current_round}")
+            raise RuntimeError(f"injected fault: {where} failed at {self.site_name} in round {self.current_round}")
         if kind == "die":
             os._exit(13)
         if kind in ("hang", "delay"):
             time.sleep(fault["seconds"])
-            return super().train(model)
-        return _corrupt(super().train(model), fault, self.network)
 
 
-def _corrupt(update: FLModel, fault: dict, network: torch.nn.Module) -> FLModel:
+def _corrupt(update: FLModel, fault: dict, network: torch.nn.Module, global_params: dict | None = None) -> FLModel:
     params, kind = update.params, fault["kind"]
     keys = [k for k, v in params.items() if v.is_floating_point()]
     if kind == "nan":
@@ -89,6 +110,13 @@ def _corrupt(update: FLModel, fault: dict, network: torch.nn.Module) -> FLModel:
     elif kind == "wrong_shape":
         key = fault.get("key", list(params)[-1])
         params[key] = params[key].reshape(-1)[:-1]
+    elif kind == "scale":
+        for key in keys:
+            params[key] = params[key] * float(fault["factor"])
+    elif kind == "boost":
+        for key in keys:
+            start = torch.as_tensor(global_params[key]).to(params[key].dtype)
+            params[key] = start + (params[key] - start) * float(fault["factor"])
     elif kind == "weight":
         value = float(fault["value"])
         update.meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] = value

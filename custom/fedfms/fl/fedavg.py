@@ -6,13 +6,19 @@ machinery (its weighted aggregation or a configured ``ModelAggregator``, the per
 the events the model selector and TensorBoard receiver listen to) and changes the round loop:
 
 * each round's task has ``task_timeout`` seconds; once ``min_clients`` sites have answered, the
-  others get the rest of that time, and a site that answers later is recorded ``late``;
-* every update goes through the :class:`~fedfms.fl.update_check.UpdateValidator` before it can
-  be added, so a bad one is refused whole, whatever the order of arrival;
+  others get ``wait_time_after_min_received`` more seconds (as NVFlare's ``ScatterAndGather``),
+  and a site that answers later is recorded ``late``;
+* a site that holds the task and whose job process stops answering the server
+  (:class:`~fedfms.fl.liveness.SiteWatch`) is recorded ``lost`` at once and is not waited for;
+  it gets no task in later rounds until it answers again;
+* every update goes through the :class:`~fedfms.fl.update_check.UpdateValidator` as it arrives,
+  so a bad one is refused whole, whatever the order of arrival; when the round's task ends, the
+  updates that passed are compared with each other (change norm against the median of the
+  others') and, with ``clip_change_norm``, each change is scaled down to that norm;
 * the accepted updates are added when the round's task ends, in the order of the site names, so
   the global model does not depend on the order the sites answered in (the simulator's thread
   count, the sites' speeds): floating-point sums depend on their order;
-* a site whose task fails is recorded and the round goes on without it;
+* a site whose task fails is recorded with the site's own error message and the round goes on without it;
 * a round with fewer than ``min_clients`` acceptable updates leaves the global model as it was
   and ends the rounds, so the workflows after FedAvg (final evaluation) still run on the last
   good global model;
@@ -20,7 +26,8 @@ the events the model selector and TensorBoard receiver listen to) and changes th
   :class:`~fedfms.fl.recorder.ContributionRecorder`.
 
 It also resumes: when the persistor starts from a saved global model, the rounds continue after
-the ones that model records.
+the ones that model records, with the update checks' memory (each site's first sample count)
+saved in that model, and the records of an interrupted round replaced by the new ones.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReturnCode, Shareable
 from nvflare.apis.client import Client
@@ -44,9 +52,14 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
+from fedfms.fl.executor import site_error
+from fedfms.fl.liveness import SiteWatch
 from fedfms.fl.persistor import COMPLETED_ROUNDS
 from fedfms.fl.recorder import ContributionRecorder
 from fedfms.fl.update_check import UpdateValidator
+
+#: Key of the saved global model's meta: the update checks' memory, restored on resume.
+VALIDATOR_STATE = "update_validator_state"
 
 
 def _like(reference, value):
@@ -68,6 +81,13 @@ class ResumableFedAvg(FedAvg):
         min_clients: acceptable updates a round needs to update the global model (the job's
             ``meta.json`` ``min_clients``); fewer end the rounds.
         task_timeout: seconds a round's task may take (0: no limit; then a silent site stalls the run).
+        wait_time_after_min_received: seconds the other sites get once ``min_clients`` have answered:
+            what a silent (hung) site costs per round. A site slower than the others by more than
+            this is recorded ``late`` and left out of the round, so give heterogeneous sites room.
+        clip_change_norm: scale each accepted update's change against the global model down to at
+            most this L2 norm (None: no clipping); the row records the clipping.
+        liveness_interval, liveness_timeout, liveness_misses: how :class:`~fedfms.fl.liveness.SiteWatch`
+            probes sites that hold the task but have not answered (interval 0: never).
         validator_id: the :class:`~fedfms.fl.update_check.UpdateValidator` component.
         recorder_id: the :class:`~fedfms.fl.recorder.ContributionRecorder` component.
         evaluate_only_sites: sites that never get a training task (the unseen hospital of a
@@ -84,6 +104,11 @@ class ResumableFedAvg(FedAvg):
         validator_id: str = "update_validator",
         recorder_id: str = "contributions",
         evaluate_only_sites: list[str] | None = None,
+        wait_time_after_min_received: int = 60,
+        clip_change_norm: float | None = None,
+        liveness_interval: float = 10.0,
+        liveness_timeout: float = 10.0,
+        liveness_misses: int = 2,
         **kwargs,
     ) -> None:
         if kwargs.get("stop_cond"):
@@ -91,17 +116,27 @@ class ResumableFedAvg(FedAvg):
         kwargs.setdefault("ignore_result_error", True)
         super().__init__(*args, **kwargs)
         fobs.register(TensorDecomposer)  # sites' updates arrive as torch tensors, from the first one on
-        if min_clients < 1 or task_timeout < 0:
-            raise ValueError(f"need min_clients >= 1 and task_timeout >= 0, got {min_clients} and {task_timeout}")
+        if min_clients < 1 or task_timeout < 0 or wait_time_after_min_received < 0:
+            raise ValueError(
+                f"need min_clients >= 1, task_timeout >= 0 and wait_time_after_min_received >= 0, "
+                f"got {min_clients}, {task_timeout} and {wait_time_after_min_received}"
+            )
+        if clip_change_norm is not None and not clip_change_norm > 0:
+            raise ValueError(f"clip_change_norm must be positive, got {clip_change_norm}")
         self.min_clients = min_clients
         self.task_timeout = int(task_timeout)
+        self.wait_time_after_min_received = int(wait_time_after_min_received)
+        self.clip_change_norm = clip_change_norm
+        self.watch = SiteWatch(liveness_interval, liveness_timeout, liveness_misses)
         self.validator_id = validator_id
         self.recorder_id = recorder_id
         self.evaluate_only_sites = sorted(evaluate_only_sites or [])
         self.validator: UpdateValidator | None = None
         self.recorder: ContributionRecorder | None = None
         self._outcomes: dict[str, str] = {}  # this round: site -> status
+        self._passed: dict[str, FLModel] = {}  # this round: site -> its update, passed the checks on arrival
         self._accepted: dict[str, FLModel] = {}  # this round: site -> its checked update, not yet added
+        self._holders: set[str] = set()  # this round: sites that were handed the task
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
@@ -124,6 +159,8 @@ class ResumableFedAvg(FedAvg):
             return
         if completed:
             self.info(f"resuming at round {completed}: {total - completed} of {total} rounds left")
+        self.validator.restore((model.meta or {}).get(VALIDATOR_STATE))
+        self.recorder.forget_rounds_from(completed)  # an interrupted round's rows: its contributions come again
         start = max(self.start_round, completed)
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, total, private=True, sticky=False)
         model.start_round, model.total_rounds = start, total
@@ -132,17 +169,22 @@ class ResumableFedAvg(FedAvg):
             if not self._round(model):
                 return
             model = self._aggregated(model)
+            model.meta = {**(model.meta or {}), VALIDATOR_STATE: self.validator.state()}
             self.save_model(model)
             self._maybe_cleanup_memory()
         self.recorder.run_status("completed", f"all {total} rounds", rounds_completed=total, rounds_planned=total)
         self.info(center_message("Finished FedAvg."))
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
-        """The connected sites that train (``num_clients`` of them at random, if set); evaluate-only sites never do."""
-        training = [c.name for c in self.engine.get_clients() if c.name not in self.evaluate_only_sites]
+        """The connected sites that train (``num_clients`` of them at random, if set); evaluate-only and lost sites do not."""
+        for site in self.watch.returned(self.engine, self.fl_ctx):
+            self.info(f"{site} answers again: it is sampled from round {self.current_round} on")
+        training = [c.name for c in self.engine.get_clients() if c.name not in self.evaluate_only_sites and c.name not in self.watch.lost]
         if num_clients and num_clients < len(training):
             training = random.sample(training, num_clients)
-        self.info(f"round {self.current_round} trains on {training}" + (f"; evaluate only: {self.evaluate_only_sites}" if self.evaluate_only_sites else ""))
+        left_out = [f"evaluate only: {self.evaluate_only_sites}"] if self.evaluate_only_sites else []
+        left_out += [f"lost: {sorted(self.watch.lost)}"] if self.watch.lost else []
+        self.info(f"round {self.current_round} trains on {training}" + "".join(f"; {item}" for item in left_out))
         return training
 
     def _round(self, model: FLModel) -> bool:
@@ -157,23 +199,23 @@ class ResumableFedAvg(FedAvg):
         self._reset_aggregation(len(clients))
         self.validator.expect(model.params, self.persistor.model.state_dict() if self.persistor else model.params)
         set_fedprox_metadata(model, self.fedprox_mu)
-        self.broadcast_model(
-            data=model,
-            task_name=self.task_name,
-            targets=clients,
-            min_responses=min(self.min_clients, len(clients)) if self.task_timeout else 0,  # 0: wait for every site
-            timeout=self.task_timeout,
-            wait_time_after_min_received=self.task_timeout,
-            blocking=False,
-            callback=self._aggregate_one_result,
-        )
-        while self.get_num_standing_tasks():
-            if self.abort_signal.triggered:
-                self.info("Abort signal triggered. Finishing FedAvg.")
-                return False
-            time.sleep(self._task_check_period)
+        if clients:
+            self.broadcast_model(
+                data=model,
+                task_name=self.task_name,
+                targets=clients,
+                min_responses=min(self.min_clients, len(clients)) if self.task_timeout else 0,  # 0: wait for every site
+                timeout=self.task_timeout,
+                wait_time_after_min_received=self.wait_time_after_min_received if self.task_timeout else 0,
+                blocking=False,
+                callback=self._aggregate_one_result,
+            )
+        if not self._wait(clients):
+            return False
+        answered = sum(status != "lost" for status in self._outcomes.values())
         for site in sorted(set(clients) - set(self._outcomes)):
-            self._record(site, "timed_out", f"no answer within the task timeout of {self.task_timeout} s")
+            self._record(site, "timed_out", self._silence(answered))
+        self._settle()
         if len(self._accepted) < self.min_clients:
             kept = f"as it was after round {self.current_round - 1}" if self.current_round > start_of(model) else "the initial model"
             reason = (
@@ -184,6 +226,51 @@ class ResumableFedAvg(FedAvg):
             self.recorder.run_status("ended_early", reason, rounds_completed=self.current_round, rounds_planned=model.total_rounds)
             return False
         return True
+
+    def _wait(self, clients: list[str]) -> bool:
+        """Wait for the round's task to end; lost sites are recorded and not waited for. False on abort."""
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                self.info("Abort signal triggered. Finishing FedAvg.")
+                return False
+            silent = sorted(self._holders - set(self._outcomes))
+            for site, why in self.watch.check(self.engine, self.communicator, self.fl_ctx, silent).items():
+                self._record(site, "lost", why)
+            if set(clients) <= set(self._outcomes):
+                self.cancel_all_tasks(fl_ctx=self.fl_ctx)  # only lost sites were left to wait for
+            time.sleep(self._task_check_period)
+        return True
+
+    def _silence(self, answered: int) -> str:
+        """Why a site that held the task is recorded ``timed_out``."""
+        if self.task_timeout and answered >= self.min_clients:
+            sites = f"{answered} site" + ("s" if answered != 1 else "")
+            return f"no answer within {self.wait_time_after_min_received} s after {sites} had answered (wait_time_after_min_received)"
+        return f"no answer within the task timeout of {self.task_timeout} s"
+
+    def _settle(self) -> None:
+        """The round's updates that passed on arrival: compared with each other, clipped if asked, then accepted."""
+        norms = {site: self.validator.round_norms[site] for site in self._passed}
+        for site, reason in sorted(self.validator.check_round(norms).items()):
+            self._record(site, "rejected", reason, self._passed.pop(site))
+        for site in sorted(self._passed):
+            update, note = self._clipped(self._passed.pop(site), norms[site])
+            self._accepted[site] = update
+            self.validator.remember(site, update)
+            weight = (update.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND) if getattr(self.aggregator, "weighted", True) else None
+            self._record(site, "accepted", note, update, change_norm=norms[site], weight=weight)
+
+    def _clipped(self, update: FLModel, norm: float) -> tuple[FLModel, str | None]:
+        """The update with its change scaled down to ``clip_change_norm`` (and a note), or as it is."""
+        if self.clip_change_norm is None or norm <= self.clip_change_norm:
+            return update, None
+        scale, reference = self.clip_change_norm / norm, self.validator.reference
+        for key, value in update.params.items():
+            value = torch.as_tensor(value)
+            if key in reference and value.is_floating_point():
+                base = torch.zeros_like(value) if update.params_type == ParamsType.DIFF else reference[key].to(value.dtype)
+                update.params[key] = base + (value - base) * scale
+        return update, f"change clipped from norm {norm:.4g} to {self.clip_change_norm:g} (clip_change_norm)"
 
     def _aggregated(self, model: FLModel) -> FLModel:
         for site in sorted(self._accepted):  # FedAvg's own aggregation (or the configured aggregator), in a fixed order
@@ -213,25 +300,29 @@ class ResumableFedAvg(FedAvg):
             self._all_metrics = True
         self._received_count, self._expected_count = 0, expected
         self._params_type, self._site_metric_weights = None, {}
-        self._outcomes, self._accepted = {}, {}
+        self._outcomes, self._passed, self._accepted, self._holders = {}, {}, {}, set()
+
+    def _prepare_task_data(self, client_task, fl_ctx: FLContext) -> None:
+        """The task is handed to a site: from now on the site's silence means something."""
+        self._holders.add(client_task.client.name)
+        super()._prepare_task_data(client_task, fl_ctx)
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
-        """Check the update as it arrives; an acceptable one is kept for the round's aggregation."""
+        """Check the update as it arrives; one that passes waits for the round's end (:meth:`_settle`)."""
         site = _get_client_name(result)
         reason = self.validator.check(site, result) if result.params else "the update holds no parameters"
         if reason:
             self._record(site, "rejected", reason, result)
             return False
-        self._accepted[site] = result
-        self.validator.remember(site, result)
-        self._record(site, "accepted", None, result)
+        self._passed[site] = result
+        self._outcomes[site] = "passed"
         return True
 
     def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False) -> bool:
         accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
         rc = result.get_return_code()
         if rc and rc != ReturnCode.OK and not is_unknown_task:
-            self._record(client_name, "failed", f"the site's task ended with {rc}")
+            self._record(client_name, "failed", f"the site's task ended with {rc}: {site_error(result) or 'no message from the site'}")
         return accepted
 
     def process_result_of_unknown_task(self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext) -> None:
@@ -239,6 +330,6 @@ class ResumableFedAvg(FedAvg):
         contribution_round = result.get_cookie(AppConstants.CONTRIBUTION_ROUND, result.get_header(AppConstants.CURRENT_ROUND))
         self.recorder.record(fl_ctx, contribution_round, client.name, "late", f"answered after round {contribution_round} had ended; not aggregated")
 
-    def _record(self, site: str, status: str, reason: str | None, result: FLModel | None = None) -> None:
+    def _record(self, site: str, status: str, reason: str | None, result: FLModel | None = None, **facts) -> None:
         self._outcomes[site] = status
-        self.recorder.record(self.fl_ctx, self.current_round, site, status, reason, result)
+        self.recorder.record(self.fl_ctx, self.current_round, site, status, reason, result, **facts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from nvflare.apis.fl_constant import FLContextKey
@@ -11,6 +12,8 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedfms.bundle import TEST_METRICS
 from fedfms.data.partition import UNSEEN
+from fedfms.fl.liveness import SiteWatch
+from fedfms.fl.recorder import ContributionRecorder
 from fedfms.io import save_csv, save_json
 
 TEST_SPLIT = "testing"
@@ -30,7 +33,10 @@ class FinalEvaluation(ModelController):
     ``<app_server>/<file_name>.csv`` and ``.json``. A metric a site could not define (NaN there:
     no empty test slice, no volume with an HD95) is written as null / an empty cell, and the
     average of each metric is over the sites where it is defined. A site that fails or does
-    not answer within ``task_timeout`` seconds gets a row saying so; the others' scores are kept.
+    not answer within ``task_timeout`` seconds (or ``wait_time_after_min_received`` seconds after
+    the first answer) gets a row saying so; the others' scores are kept. A site the rounds
+    recorded ``lost`` (its last contribution row) is not sent the task, and one whose job process
+    stops answering during the evaluation is not waited for (:class:`~fedfms.fl.liveness.SiteWatch`).
     Under FedBN (``norm_statistics: local`` in the persistor) every row says that the site scored
     the global weights with its own normalisation layers. The ``evaluate_only_sites`` of a
     leave-one-site-out job (hospitals that never trained) score the model on their own data like
@@ -45,14 +51,23 @@ class FinalEvaluation(ModelController):
         evaluate_only_sites: list[str] | None = None,
         task_timeout: int = 0,
         task_check_period: float = 0.5,
+        wait_time_after_min_received: int = 60,
+        recorder_id: str = "contributions",
+        liveness_interval: float = 10.0,
+        liveness_timeout: float = 10.0,
+        liveness_misses: int = 2,
     ) -> None:
         super().__init__(persistor_id=persistor_id, task_check_period=task_check_period, ignore_result_error=True)
-        if task_timeout < 0:
-            raise ValueError(f"task_timeout must be >= 0, got {task_timeout}")
+        if task_timeout < 0 or wait_time_after_min_received < 0:
+            raise ValueError(f"task_timeout and wait_time_after_min_received must be >= 0, got {task_timeout} and {wait_time_after_min_received}")
         self.task_name = task_name
         self.file_name = file_name
         self.evaluate_only_sites = sorted(evaluate_only_sites or [])
         self.task_timeout = int(task_timeout)
+        self.wait_time_after_min_received = int(wait_time_after_min_received)
+        self.recorder_id = recorder_id
+        self.watch = SiteWatch(liveness_interval, liveness_timeout, liveness_misses)
+        self._holders: set[str] = set()
 
     def run(self) -> None:
         learnable = self.persistor.final_model(self.fl_ctx)
@@ -63,23 +78,62 @@ class FinalEvaluation(ModelController):
         model.meta = {"split": TEST_SPLIT}
         connected = sorted(client.name for client in self.engine.get_clients())
         sites = [s for s in connected if s not in self.evaluate_only_sites]
-        # Without a timeout every site is waited for (min_responses 0 means all of them).
-        results = self.broadcast_model(
-            data=model, task_name=self.task_name, targets=connected, min_responses=1 if self.task_timeout else 0,
-            timeout=self.task_timeout, wait_time_after_min_received=self.task_timeout,
-        )
+        self.watch.lost.update(self._lost_in_rounds())
+        results = self._collect([s for s in connected if s not in self.watch.lost], model)
         note = FEDBN_NOTE if getattr(self.persistor, "norm_statistics", "global") == "local" else None
         scored = {r.meta.get("client_name"): {**_nan_as_none(r.metrics), "note": note} for r in results if r.metrics}
         if not scored:
-            self.error(f"no site scored the final global model within {self.task_timeout} s: no final test table")
+            self.error("no site scored the final global model (each failed, was lost or did not answer in time): no final test table")
             return
-        rows = [{"site": s, **scored.get(s, {"note": f"no scores: the site failed or did not answer within {self.task_timeout} s"})} for s in sites]
+        rows = [{"site": s, **scored.get(s, {"note": self._no_scores(s)})} for s in sites]
         trained = [r for r in rows if r["site"] in scored]
         rows.append({"site": "average", **{k: _mean([r.get(k) for r in trained]) for k in TEST_METRICS}, "note": f"{len(trained)} of {len(sites)} sites"})
         rows += [self._unseen_row(site, scored, connected) for site in self.evaluate_only_sites]
         self._write(rows)
         for row in rows:
             self.info(f"final test {row['site']}: " + ", ".join(f"{k} {row.get(k)}" for k in TEST_METRICS) + (f" ({row['note']})" if row.get("note") else ""))
+
+    def _collect(self, targets: list[str], model) -> list:
+        """The sites' answers; without a timeout every site is waited for (min_responses 0 means all of them)."""
+        results = []
+        if not targets:
+            return results
+        self.broadcast_model(
+            data=model, task_name=self.task_name, targets=targets, min_responses=1 if self.task_timeout else 0,
+            timeout=self.task_timeout, wait_time_after_min_received=self.wait_time_after_min_received if self.task_timeout else 0,
+            blocking=False, callback=results.append,
+        )
+        while self.get_num_standing_tasks() and not self.abort_signal.triggered:
+            answered = {r.meta.get("client_name") for r in results}
+            silent = sorted(self._holders - answered)
+            for site, why in self.watch.check(self.engine, self.communicator, self.fl_ctx, silent).items():
+                self.warning(f"{site} is lost: {why}")
+            if set(targets) <= answered | set(self.watch.lost):
+                self.cancel_all_tasks(fl_ctx=self.fl_ctx)
+            time.sleep(self._task_check_period)
+        return results
+
+    def _prepare_task_data(self, client_task, fl_ctx) -> None:
+        self._holders.add(client_task.client.name)
+        super()._prepare_task_data(client_task, fl_ctx)
+
+    def _lost_in_rounds(self) -> dict[str, str]:
+        """Sites whose last contribution row says ``lost`` (the rounds' recorder, if the job has one)."""
+        recorder = self.engine.get_component(self.recorder_id)
+        if not isinstance(recorder, ContributionRecorder):
+            return {}
+        last = {row["site"]: row for row in recorder.rows}
+        return {site: f"lost in round {row['round']}: {row['reason']}" for site, row in last.items() if row["status"] == "lost"}
+
+    def _no_scores(self, site: str) -> str:
+        if site in self.watch.lost:
+            return f"no scores: {self.watch.lost[site]}"
+        if self.task_timeout:
+            return (
+                f"no scores: the site failed, or did not answer within {self.wait_time_after_min_received} s of the first answer "
+                f"(wait_time_after_min_received; task timeout {self.task_timeout} s)"
+            )
+        return "no scores: the site failed"
 
     def _unseen_row(self, site: str, scored: dict, connected: list[str]) -> dict:
         """The row of a site that never trained; not part of the average."""

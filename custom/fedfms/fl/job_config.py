@@ -22,6 +22,17 @@ how long that pre-stage trains the student on the server's proxy set. A leave-on
 ``unseen.json`` under ``--dataset-dir``, or from ``--evaluate-only SITE`` when the data is elsewhere;
 ``--evaluate-only`` makes any other job leave that site out of training too.
 
+How the server copes with silent and hostile sites is set here too: ``--wait-after-min-received``
+(seconds the other sites get once ``min_clients`` answered: what a hung site costs per round),
+the update bounds ``--max-abs-value``, ``--max-change-norm`` and ``--max-change-ratio``
+(:mod:`fedfms.fl.update_check`), ``--clip-norm`` (each change scaled down to that norm) and
+``--aggregation median|trimmed_mean`` (:mod:`fedfms.fl.robust`; on the LoRA products in a
+LoRA-SVD job).
+
+A resumed run (``--resume-from``) must be of the same job: the same network (every key and
+shape of the saved global model) and the same server workflows; anything else is refused here,
+before any work.
+
 The copy is written next to ``--out`` and renamed into place, so a failed run leaves nothing.
 """
 
@@ -43,7 +54,8 @@ from fedfms.data.partition import unseen_site
 from fedfms.distillation.prestage import INIT_MODES
 from fedfms.errors import DataError
 from fedfms.fl.exchange import NORM_STATISTICS
-from fedfms.fl.persistor import read_resume_model
+from fedfms.fl.persistor import read_resume_model, resume_folder
+from fedfms.fl.robust import check_combine
 from fedfms.paths import resolve_path
 
 PROFILES = ("cpu_demo", "paper")
@@ -53,6 +65,9 @@ CONFIG_FILES = ("config_fed_client.json", "config_fed_server.json")
 FMINIT_WORKFLOW = "FMInstructedInit"
 FMINIT_PAPER_LOCAL_EPOCHS = 5
 PAPER_TASK_TIMEOUT = 6 * 3600  # seconds a round's task may take at paper size (the demo's: 600)
+PAPER_WAIT_AFTER_MIN = 3600  # at paper size sites' epochs differ by far more than the demo's 60 s
+ROBUST_AGGREGATOR = "fedfms.fl.robust.RobustAggregator"
+LORA_SVD = "LoRASVDAggregator"
 RESUMING_COMPONENTS = ("persistor", "contributions", "model_selector")  # what a resumed run carries over
 EXCLUDE_VARS = "nvflare.app_common.filters.exclude_vars.ExcludeVars"
 PERCENTILE_PRIVACY = "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy"
@@ -82,6 +97,13 @@ class JobOptions:
     pretrained: bool = True  # False: the same network from random weights ("-PT")
     seed: int | None = None  # every random choice of the run: initial weights, data order, augmentation
     overrides: dict | None = None  # any other bundle keys, e.g. {"learning_rate": 1e-4, "train#samples_per_epoch": 32}
+    wait_after_min_received: int | None = None  # seconds the other sites get once min_clients answered; paper profile: 1 h
+    max_abs_value: float | None = None  # update check: largest magnitude of any value (validator default 1e4)
+    max_change_norm: float | None = None  # update check: largest L2 norm of an update's change (validator default: none)
+    max_change_ratio: float | None = None  # update check: largest ratio to the median change of the other sites (default 10)
+    clip_norm: float | None = None  # scale each accepted change down to this L2 norm
+    aggregation: str | None = None  # mean (FedAvg), median or trimmed_mean
+    trim_fraction: float | None = None  # trimmed_mean: share dropped at each end per coordinate (default 0.2)
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
@@ -114,6 +136,16 @@ class JobOptions:
             raise ValueError(f"percentile_privacy must be in [0, 100], got {self.percentile_privacy}")
         if self.exclude_vars:
             re.compile(self.exclude_vars)  # a bad expression fails here, not at the first round
+        if self.wait_after_min_received is not None and self.wait_after_min_received < 0:
+            raise ValueError(f"wait_after_min_received must be >= 0, got {self.wait_after_min_received}")
+        for name in ("max_abs_value", "max_change_norm", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_change_ratio is not None and not self.max_change_ratio >= 1:
+            raise ValueError(f"max_change_ratio must be at least 1, got {self.max_change_ratio}")
+        if self.aggregation is not None or self.trim_fraction is not None:
+            check_combine(self.aggregation or "trimmed_mean", 0.2 if self.trim_fraction is None else self.trim_fraction)
 
 
 def bundle_args(config: dict) -> list[dict]:
@@ -222,14 +254,64 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
                 workflow["args"]["task_timeout"] = timeout
     if options.min_clients:
         fedavg["min_clients"] = options.min_clients
+    if options.wait_after_min_received is not None or paper:
+        wait = options.wait_after_min_received if options.wait_after_min_received is not None else PAPER_WAIT_AFTER_MIN
+        for workflow in server["workflows"]:
+            if "wait_time_after_min_received" in workflow["args"]:
+                workflow["args"]["wait_time_after_min_received"] = wait
+    _set_robustness(server, fedavg, options)
     _set_evaluate_only(server, learner, options)
     if options.norm_statistics:
         learner["norm_statistics"] = options.norm_statistics
         _component(server, fedavg.get("persistor_id", "persistor"))["args"]["norm_statistics"] = options.norm_statistics
     _set_privacy(client, server, learner, options)
     if options.resume_from:
+        check_resume(server, options.resume_from)
         for component_id in RESUMING_COMPONENTS:
             _component(server, component_id)["args"]["resume_from"] = str(Path(options.resume_from).resolve())
+
+
+def check_resume(server: dict, resume_from: str) -> None:
+    """Refuse to resume a run of another job: other server workflows, or a network with other keys or shapes."""
+    earlier = resume_folder(resume_from) / "config" / CONFIG_FILES[1]
+    if earlier.is_file():
+        ran = [w["path"] for w in json.loads(earlier.read_text())["workflows"]]
+        planned = [w["path"] for w in server["workflows"]]
+        if ran != planned:
+            raise DataError(resume_from, f"is a run of another job: its server workflows were {ran}, this job's are {planned}; resume a run of the same job")
+    model = _component(server, "persistor")["args"].get("model", {})
+    if model.get("path") != "fedfms.bundle.bundle_network":
+        return
+    from fedfms.bundle import bundle_network
+
+    expected = {k: tuple(v.shape) for k, v in bundle_network(**model["args"]).state_dict().items()}
+    saved = {k: tuple(getattr(v, "shape", ())) for k, v in read_resume_model(resume_from)["model"].items()}
+    missing, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    shapes = [f"{k} {saved[k]} (this job's: {expected[k]})" for k in sorted(expected.keys() & saved.keys()) if saved[k] != expected[k]]
+    if missing or extra or shapes:
+        problems = [f"{len(missing)} of this job's keys missing, e.g. {missing[0]}"] if missing else []
+        problems += [f"{len(extra)} keys this job's network does not have, e.g. {extra[0]}"] if extra else []
+        problems += [f"{len(shapes)} shapes differ, e.g. {shapes[0]}"] if shapes else []
+        raise DataError(resume_from, f"holds a global model of another network ({'; '.join(problems)}); resume a run of the same job and model options")
+
+
+def _set_robustness(server: dict, fedavg: dict, options: JobOptions) -> None:
+    """Update bounds, clipping and robust aggregation: what hostile or broken sites can do to the global model."""
+    validator = _component(server, "update_validator")["args"]
+    for name in ("max_abs_value", "max_change_norm", "max_change_ratio"):
+        if getattr(options, name) is not None:
+            validator[name] = getattr(options, name)
+    if options.clip_norm is not None:
+        fedavg["clip_change_norm"] = options.clip_norm
+    if options.aggregation is None and options.trim_fraction is None:
+        return
+    combine = options.aggregation or "trimmed_mean"
+    robust = {"combine": combine} | ({"trim_fraction": options.trim_fraction} if options.trim_fraction is not None else {})
+    aggregator = fedavg.get("aggregator")
+    if aggregator and aggregator["path"].endswith(LORA_SVD):
+        aggregator["args"].update(robust)  # the rule applies to the LoRA products
+    elif combine != "mean":
+        fedavg["aggregator"] = {"path": ROBUST_AGGREGATOR, "args": robust}
 
 
 def _set_prestage(server: dict, options: JobOptions) -> None:
@@ -277,7 +359,7 @@ def _set_privacy(client: dict, server: dict, learner: dict, options: JobOptions)
         filters.append({"path": EXCLUDE_VARS, "args": {"exclude_vars": options.exclude_vars}})
         _component(server, "update_validator")["args"]["excluded_vars"] = options.exclude_vars
     if options.percentile_privacy is not None:
-        if any(w["args"].get("aggregator") for w in server["workflows"]):
+        if any(w["args"].get("aggregator", {}).get("path", "").endswith(LORA_SVD) for w in server["workflows"]):
             raise ValueError("percentile privacy sends weight changes; this job's aggregator (LoRA-SVD) averages the weights themselves")
         percentile = {"percentile": options.percentile_privacy, "gamma": options.privacy_gamma, "data_kinds": ["WEIGHT_DIFF"]}
         filters.append({"path": PERCENTILE_PRIVACY, "args": percentile})

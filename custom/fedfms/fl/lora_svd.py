@@ -18,6 +18,11 @@ M can have rank up to K·r, but the model holds only rank r: truncation discards
 values beyond r, and that part of the clients' updates is lost. It is measured every round as
 the relative error ||M - B A||_F / ||M||_F per layer (= sqrt(Σ_{i>r} s_i²) / ||M||_F), returned
 with the parameters and logged by :class:`LoRASVDAggregator`.
+
+Robust aggregation (``combine``: ``median`` or ``trimmed_mean``, :mod:`fedfms.fl.robust`) is valid
+here only on the products: the coordinate-wise median of the B_k A_k (and of every other tensor)
+is re-factorised the same way. A median of the A_k and of the B_k taken separately would, like
+their mean, combine factors that live in unrelated bases.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import torch.nn.functional as F
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+
+from fedfms.fl.robust import check_combine, restore, robust_combine
 
 # <prefix>.lora_a_q.weight / .lora_b_v.weight (LoRAQKV) and <prefix>.lora_a.weight (LoRALinear)
 _LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<side>[ab])(?P<proj>_[qv])?\.weight$")
@@ -109,23 +116,32 @@ class _WeightedSum:
             self._check_matches(layout)
         for layer, (a_key, b_key) in self._pairs.items():
             product = tensors[b_key].to(torch.float64) @ tensors[a_key].to(torch.float64)
-            _accumulate(self._products, layer, product, weight)
+            self._add_value(self._products, layer, product, weight)
         paired = {key for pair in self._pairs.values() for key in pair}
         for key, tensor in tensors.items():
             if key not in paired:
-                _accumulate(self._others, key, tensor.to(torch.float64), weight)
+                self._add_value(self._others, key, tensor.to(torch.float64), weight)
         self.count += 1
         self.total_weight += weight
 
     def result(self, rank: int | None) -> tuple[dict[str, Any], dict[str, float]]:
-        """The weighted averages, LoRA layers re-factorised to ``rank`` (default: the incoming A's rank)."""
-        averaged = {key: total / self.total_weight for key, total in self._others.items()}
+        """The combined values, LoRA layers re-factorised to ``rank`` (default: the incoming A's rank)."""
+        averaged = {key: self._combined(total) for key, total in self._others.items()}
         errors: dict[str, float] = {}
         for layer, (a_key, b_key) in self._pairs.items():
-            mean_product = self._products[layer] / self.total_weight
-            averaged[a_key], averaged[b_key], errors[layer] = refactorize(mean_product, rank or self._layout[a_key][0][0])
-        params = {key: _restore(averaged[key], dtype, as_numpy) for key, (_, dtype, as_numpy) in self._layout.items()}
+            product = self._combined(self._products[layer])
+            averaged[a_key], averaged[b_key], errors[layer] = refactorize(product, rank or self._layout[a_key][0][0])
+        params = {key: restore(averaged[key], dtype, as_numpy) for key, (_, dtype, as_numpy) in self._layout.items()}
         return params, errors
+
+    def _add_value(self, sums: dict[str, torch.Tensor], key: str, value: torch.Tensor, weight: float) -> None:
+        if key in sums:
+            sums[key].add_(value, alpha=weight)
+        else:
+            sums[key] = value * weight
+
+    def _combined(self, total: torch.Tensor) -> torch.Tensor:
+        return total / self.total_weight
 
     def _check_matches(self, layout: dict[str, tuple[torch.Size, torch.dtype, bool]]) -> None:
         missing, extra = sorted(self._layout.keys() - layout.keys()), sorted(layout.keys() - self._layout.keys())
@@ -137,6 +153,20 @@ class _WeightedSum:
             raise ValueError(f"parameter shapes differ from the first client's: {'; '.join(wrong)}")
 
 
+class _RobustCombination(_WeightedSum):
+    """Keeps every client's values (LoRA products and other tensors) and combines them by a robust rule, unweighted."""
+
+    def __init__(self, combine: str, trim_fraction: float) -> None:
+        super().__init__()
+        self.combine, self.trim_fraction = combine, trim_fraction
+
+    def _add_value(self, values: dict[str, list], key: str, value: torch.Tensor, weight: float) -> None:
+        values.setdefault(key, []).append(value)
+
+    def _combined(self, values: list[torch.Tensor]) -> torch.Tensor:
+        return robust_combine(values, self.combine, self.trim_fraction)
+
+
 def _checked_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
     pairs = lora_pairs(tensors)
     for a_key, b_key in pairs.values():
@@ -144,19 +174,6 @@ def _checked_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, 
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"LoRA factors do not multiply: {b_key} {tuple(b.shape)} @ {a_key} {tuple(a.shape)}")
     return pairs
-
-
-def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor, weight: float) -> None:
-    if key in sums:
-        sums[key].add_(value, alpha=weight)
-    else:
-        sums[key] = value * weight
-
-
-def _restore(value: torch.Tensor, dtype: torch.dtype, as_numpy: bool) -> Any:
-    """Cast back to the clients' dtype (rounding integer buffers such as step counters) and container."""
-    value = (value if dtype.is_floating_point else value.round()).to(dtype)
-    return value.numpy() if as_numpy else value
 
 
 def aggregate_lora(
@@ -192,15 +209,25 @@ class LoRASVDAggregator(ModelAggregator):
     result callback catches the exception, logs it and marks the contribution as not accepted.
     A round with no accepted client raises in ``aggregate_model`` so that the run fails loudly
     instead of replacing the global model with nothing.
+
+    ``combine`` = ``median`` or ``trimmed_mean`` (with ``trim_fraction``) replaces the weighted mean
+    of the products and other tensors by that robust rule (unweighted; every client's values are
+    kept until the round ends).
     """
 
-    def __init__(self, rank: int | None = None, weight_key: str = FLMetaKey.NUM_STEPS_CURRENT_ROUND) -> None:
+    def __init__(
+        self, rank: int | None = None, weight_key: str = FLMetaKey.NUM_STEPS_CURRENT_ROUND, combine: str = "mean", trim_fraction: float = 0.2
+    ) -> None:
         super().__init__()
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
+        check_combine(combine, trim_fraction)
         self.rank = rank
         self.weight_key = weight_key
-        self._sum = _WeightedSum()
+        self.combine = combine
+        self.trim_fraction = trim_fraction
+        self.weighted = combine == "mean"  # robust rules ignore the sample counts
+        self.reset_stats()
 
     def accept_model(self, model: FLModel) -> None:
         client = (model.meta or {}).get("client_name", "unknown client")
@@ -221,10 +248,11 @@ class LoRASVDAggregator(ModelAggregator):
         finally:
             self.reset_stats()
         max_error = max(errors.values(), default=0.0)
+        by = "" if self.combine == "mean" else f" by coordinate-wise {self.combine} of the products"
         if errors:
             worst = max(errors, key=errors.get)
             self.info(
-                f"LoRA SVD aggregation of {count} clients over {len(errors)} layers: relative truncation error "
+                f"LoRA SVD aggregation{by} of {count} clients over {len(errors)} layers: relative truncation error "
                 f"max {max_error:.3e} ({worst}), mean {sum(errors.values()) / len(errors):.3e}"
             )
         else:
@@ -236,7 +264,7 @@ class LoRASVDAggregator(ModelAggregator):
         )
 
     def reset_stats(self) -> None:
-        self._sum = _WeightedSum()
+        self._sum = _WeightedSum() if self.combine == "mean" else _RobustCombination(self.combine, self.trim_fraction)
 
     def _weight(self, model: FLModel, client: str) -> float:
         value = (model.meta or {}).get(self.weight_key)

@@ -5,14 +5,21 @@ happened to its update (written after each, atomically):
 
     accepted    checked and aggregated
     rejected    refused by :class:`fedfms.fl.update_check.UpdateValidator`; ``reason`` says why
-    failed      the site's task ended in an error (``reason``: NVFlare's return code)
-    timed_out   no answer within the round's task timeout
+    failed      the site's task ended in an error (``reason``: NVFlare's return code and the site's message)
+    timed_out   no answer within the round's task timeout, or within ``wait_time_after_min_received``
+                once enough sites had answered
+    lost        the site's job process stopped answering the server while it held the task
     late        an answer that came after its round had ended (not aggregated)
+
+``weight`` is what the site's update weighed in the round's sum (FedAvg's ``NUM_STEPS_CURRENT_ROUND``;
+empty when the aggregation ignores weights, e.g. a coordinate-wise median) and ``change_norm`` the
+L2 norm of its change against the round's global model (see :mod:`fedfms.fl.update_check`).
 
 ``<app_server>/run_status.json`` says whether FedAvg completed its rounds, ended early (too few
 good updates: ``reason``), or the run was aborted (NVFlare's fatal-error reason), so a run is
 judged by its records, never by the simulator's exit code. A resumed run (``resume_from``: the
-earlier run's server app folder) starts with the earlier rows.
+earlier run's server app folder) starts with the earlier rows; the rows of the round it was
+interrupted in are replaced by that round's new ones (:meth:`ContributionRecorder.forget_rounds_from`).
 """
 
 from __future__ import annotations
@@ -31,8 +38,11 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from fedfms.io import load_json, save_csv, save_json
 from fedfms.paths import resolve_path
 
-COLUMNS = ("round", "site", "status", "reason", "data", "accepted", "num_train_samples", "bytes_received", "global_val_dice", "local_val_dice")
-STATUSES = ("accepted", "rejected", "failed", "timed_out", "late")
+COLUMNS = (
+    "round", "site", "status", "reason", "data", "accepted", "num_train_samples", "weight", "change_norm",
+    "bytes_received", "global_val_dice", "local_val_dice",
+)
+STATUSES = ("accepted", "rejected", "failed", "timed_out", "lost", "late")
 RUN_STATUS = "run_status"
 
 
@@ -80,7 +90,10 @@ class ContributionRecorder(FLComponent):
             reason = fl_ctx.get_prop(FLContextKey.EVENT_DATA, "")
             self.run_status("aborted", str(reason))
 
-    def record(self, fl_ctx: FLContext, round_: int, site: str, status: str, reason: str | None = None, update: FLModel | None = None) -> dict:
+    def record(
+        self, fl_ctx: FLContext, round_: int, site: str, status: str, reason: str | None = None, update: FLModel | None = None,
+        weight: float | None = None, change_norm: float | None = None,
+    ) -> dict:
         """Append the row of ``site``'s contribution to ``round_`` and rewrite the tables."""
         if status not in STATUSES:
             raise ValueError(f"unknown contribution status {status!r}; expected one of {', '.join(STATUSES)}")
@@ -93,12 +106,15 @@ class ContributionRecorder(FLComponent):
             "data": meta.get("datalist"),
             "accepted": status == "accepted",
             "num_train_samples": _number(meta.get("num_train_samples")),
+            "weight": _number(weight),
+            "change_norm": _number(change_norm),
             "bytes_received": payload_bytes(update.params) if update is not None else 0,
             "global_val_dice": _number(metrics.get("val_mean_dice")),  # the received global model, scored before training
             "local_val_dice": _number(meta.get("local_val_dice")),
         }
         self.rows.append(row)
-        detail = f", {row['bytes_received']:,} bytes" + (f": {reason}" if reason else "")
+        weighed = f", weight {row['weight']:g}" if row["weight"] is not None else ""
+        detail = f", {row['bytes_received']:,} bytes{weighed}" + (f": {reason}" if reason else "")
         log = self.log_info if status == "accepted" else self.log_warning
         log(fl_ctx, f"round {round_} {site}: accepted={row['accepted']}, status={status}{detail}")
         self._write()
@@ -108,6 +124,13 @@ class ContributionRecorder(FLComponent):
         """Write how the run ended: ``completed``, ``ended_early`` or ``aborted``, and why."""
         if self.folder is not None:
             save_json(self.folder / f"{RUN_STATUS}.json", {"status": status, "reason": reason, **facts})
+
+    def forget_rounds_from(self, round_: int) -> None:
+        """Drop the rows of rounds ``round_`` and later: a resumed run does them again."""
+        kept = [row for row in self.rows if row["round"] < round_]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            self._write()
 
     def _continue(self, resumed: Path) -> None:
         path = resumed if resumed.suffix == ".json" else resumed / f"{self.file_name}.json"

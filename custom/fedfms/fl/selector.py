@@ -7,6 +7,7 @@ from pathlib import Path
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReturnCode
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 
@@ -38,6 +39,13 @@ class ResumableModelSelector(IntimeModelSelector):
                 earlier = load_json(resume_folder(self.resume_from) / BEST)
                 self.best_val_metric = earlier["metric"]
                 self.log_info(fl_ctx, f"best global model so far: round {earlier['round']}, {self.key_metric} {earlier['metric']:.4f}")
+
+    def _before_accept(self, fl_ctx: FLContext) -> bool:
+        """A failed task's reply carries no scores (the recorder says why): skip it instead of logging a traceback."""
+        shareable = fl_ctx.get_peer_context().get_prop(FLContextKey.SHAREABLE)
+        if shareable is None or shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return False
+        return super()._before_accept(fl_ctx)
 
     def _before_aggregate(self, fl_ctx: FLContext) -> None:
         best = self.best_val_metric
