@@ -8,12 +8,13 @@ same K updates (the initial weights plus Gaussian changes of norm about 1; one s
 boosted 100 times) in a process of its own, so its peak memory (VmHWM) is its own:
 
 * ``mean``: NVFlare's ``WeightedAggregationHelper`` (FedAvg's own), or the LoRA-SVD aggregator;
-* ``median`` and ``trimmed_mean`` (trim 0.2): :class:`fedfms.fl.robust.RobustAggregator`, or the
+* ``median`` and ``trimmed_mean`` (trim 0.2): :class:`fedfms.fl.aggregators.robust.RobustAggregator`, or the
   LoRA-SVD aggregator with that ``combine`` (on the products);
 * ``clip+mean``: each change clipped to the honest sites' median norm, then the mean.
 
 ``pull`` is the norm of (aggregate - mean of the honest updates) over the honest change norm: how
-far the poisoned site moved the global model (0: not at all).
+far the poisoned site moved the global model (0: not at all). For LoRA layers it is measured on the
+products B A (the factors themselves change basis in the SVD).
 """
 
 from __future__ import annotations
@@ -47,8 +48,27 @@ def _updates(strategy: str, sites: int) -> tuple[dict, list[dict]]:
     return start, updates
 
 
+def _effective(params: dict) -> dict:
+    """The tensors as the model uses them: each LoRA pair as its product B A, every other tensor as it is."""
+    from fedfms.fl.aggregators.lora_svd import lora_pairs
+
+    pairs = lora_pairs(params)
+    paired = {key for pair in pairs.values() for key in pair}
+    effective = {k: torch.as_tensor(v).double() for k, v in params.items() if k not in paired}
+    effective.update({layer: torch.as_tensor(params[b]).double() @ torch.as_tensor(params[a]).double() for layer, (a, b) in pairs.items()})
+    return effective
+
+
 def _norm(params: dict, reference: dict) -> float:
-    return sum(float((params[k].double() - reference[k].double()).square().sum()) for k in reference) ** 0.5
+    params, reference = _effective(params), _effective(reference)
+    return sum(float((params[k] - reference[k]).square().sum()) for k in reference) ** 0.5
+
+
+def _honest_mean(updates: list[dict]) -> dict:
+    """The mean of the honest sites' effective tensors (products for LoRA pairs), as factors of the same products."""
+    from fedfms.fl.aggregators.lora_svd import aggregate_lora
+
+    return aggregate_lora([(u, 1.0) for u in updates])[0]  # exact when the rank holds the mean product; else the best at that rank
 
 
 def measure(strategy: str, sites: int, rule: str) -> dict:
@@ -56,11 +76,11 @@ def measure(strategy: str, sites: int, rule: str) -> dict:
     from nvflare.app_common.abstract.fl_model import FLModel
     from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 
-    from fedfms.fl.lora_svd import LoRASVDAggregator
-    from fedfms.fl.robust import RobustAggregator
+    from fedfms.fl.aggregators.lora_svd import LoRASVDAggregator
+    from fedfms.fl.aggregators.robust import RobustAggregator
 
     start, updates = _updates(strategy, sites)
-    honest = {k: sum(u[k] for u in updates[1:]) / (sites - 1) for k in start}
+    honest = _honest_mean(updates[1:])
     if rule == "clip+mean":
         bound = statistics.median(_norm(u, start) for u in updates[1:])
         updates = [{k: start[k] + (u[k] - start[k]) * min(1.0, bound / _norm(u, start)) for k in start} for u in updates]

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_federation.py [--job fedmsa_prostate] [--rounds 10] [--clients 3] [--repeats 2]
 
 Both sides run the same bundle, data (``demo/data`` from ``make demo``), clients, rounds and local
-epochs, with the same client code (:class:`fedfms.fl.learner.BundleLearner`): the plain loop calls
+epochs, with the same client code (:class:`fedfms.fl.executors.learner.BundleLearner`): the plain loop calls
 it directly, site after site, and averages the returned parameters by sample count in PyTorch.
 The simulator adds NVFlare's runtime (job deployment, messaging, serialization, persistence,
 recording, TensorBoard streaming) and runs the clients in parallel processes. Each side is timed
@@ -28,7 +28,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 
 from fedfms.bundle import bundle_network
 from fedfms.fl.job_config import JobOptions, configure_job
-from fedfms.fl.learner import BundleLearner
+from fedfms.fl.executors.learner import BundleLearner
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -297,7 +297,7 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_job(commands: argparse._SubParsersAction) -> None:
-    from fedfms.fl.robust import COMBINES
+    from fedfms.fl.aggregators.robust import COMBINES
 
     p = commands.add_parser("job", help="a configured copy of a job folder: profile, data, rounds, resume")
     p.add_argument("job", help="a job folder, e.g. jobs/fedmsa_prostate")

@@ -15,7 +15,7 @@ from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
 from fedfms.fl.exchange import exchanged_keys
 from fedfms.fl.job_config import JobOptions, configure_job
-from fedfms.fl.learner import site_datalist
+from fedfms.fl.executors.learner import site_datalist
 
 REPO = Path(__file__).resolve().parents[2]
 NVFLARE = Path(sys.executable).with_name("nvflare")

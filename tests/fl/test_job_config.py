@@ -1,5 +1,6 @@
 """`fedfms job`: a configured copy of a shipped job (paper profile, data, rounds, resume)."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -209,18 +210,33 @@ def test_every_shipped_job_checks_updates_and_bounds_its_tasks(job):
     assert fedavg["min_clients"] == meta["min_clients"] and fedavg["task_timeout"] > 0
     assert all(w["args"]["task_timeout"] > 0 for w in server["workflows"] if "task_timeout" in w["args"] or w["path"].endswith("FinalEvaluation"))
     ids = {c["id"]: c["path"] for c in server["components"]}
-    assert ids["update_validator"] == "fedfms.fl.update_check.UpdateValidator" and ids["contributions"] == "fedfms.fl.recorder.ContributionRecorder"
-    assert ids["run_presence"] == "fedfms.fl.liveness.RunPresence"  # answers the sites' checks that the run goes on
+    assert ids["update_validator"] == "fedfms.fl.checks.updates.UpdateValidator" and ids["contributions"] == "fedfms.fl.widgets.recorder.ContributionRecorder"
+    assert ids["run_presence"] == "fedfms.fl.checks.liveness.RunPresence"  # answers the sites' checks that the run goes on
     waits = [w["args"]["wait_time_after_min_received"] for w in server["workflows"] if w["path"].endswith(("ResumableFedAvg", "FinalEvaluation"))]
     assert waits == [60, 60]  # a silent site costs a minute per round, not the task timeout
-    assert client["executors"][0]["executor"]["path"] == "fedfms.fl.executor.ReportingLearnerExecutor"
+    assert client["executors"][0]["executor"]["path"] == "fedfms.fl.executors.reporting.ReportingLearnerExecutor"
+
+
+def _dotted_paths(node) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["path"]] if isinstance(node.get("path"), str) else []
+        return own + [p for value in node.values() for p in _dotted_paths(value)]
+    return [p for value in node for p in _dotted_paths(value)] if isinstance(node, list) else []
+
+
+@pytest.mark.parametrize("job", sorted(p.parent.name for p in (REPO / "jobs").glob("*/meta.json")))
+def test_every_class_a_shipped_job_names_exists(job):
+    for config in _configs(REPO / "jobs" / job):
+        for path in _dotted_paths(config):
+            module, _, name = path.rpartition(".")
+            assert callable(getattr(importlib.import_module(module), name)), path
 
 
 def test_robustness_options_set_the_bounds_clipping_and_aggregation(tmp_path):
     options = JobOptions(wait_after_min_received=15, max_abs_value=100.0, max_change_norm=5.0, max_change_ratio=4.0, clip_norm=2.0, aggregation="median")
     _, server = _configs(configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "robust", options))
     fedavg = server["workflows"][0]["args"]
-    assert fedavg["aggregator"] == {"path": "fedfms.fl.robust.RobustAggregator", "args": {"combine": "median"}} and fedavg["clip_change_norm"] == 2.0
+    assert fedavg["aggregator"] == {"path": "fedfms.fl.aggregators.robust.RobustAggregator", "args": {"combine": "median"}} and fedavg["clip_change_norm"] == 2.0
     assert [w["args"]["wait_time_after_min_received"] for w in server["workflows"]] == [15, 15]
     validator = next(c for c in server["components"] if c["id"] == "update_validator")["args"]
     assert (validator["max_abs_value"], validator["max_change_norm"], validator["max_change_ratio"]) == (100.0, 5.0, 4.0)

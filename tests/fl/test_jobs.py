@@ -14,7 +14,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from fedfms.bundle import evaluate_checkpoint
 from fedfms.cli import main
 from fedfms.errors import DataError
-from fedfms.fl.learner import site_datalist
+from fedfms.fl.executors.learner import site_datalist
 from fedfms.fl.site_settings import SETTINGS_ENV
 from tests.fl.conftest import APP, check_federated_run, exchanged, job_copy, same_model, simulate
 

@@ -2,7 +2,7 @@
 
 :mod:`~fedfms.distillation.losses` holds the KL + Dice loss, :mod:`~fedfms.distillation.teacher_cache`
 the teacher's cached logits, and :mod:`~fedfms.distillation.prestage` the pre-stage that trains the
-student before the federated rounds (run on the server by :class:`fedfms.fl.fminit.FMInstructedInit`).
+student before the federated rounds (run on the server by :class:`fedfms.fl.workflows.fminit.FMInstructedInit`).
 """
 
 from fedfms.distillation.losses import DistillationLoss, bernoulli_kl

@@ -1,7 +1,7 @@
 """Fault drills: a site that breaks on purpose, and a record of what leaves a site.
 
 A federation is only known to survive bad or silent sites once it has been seen to. Put
-:class:`FaultInjectingLearner` in place of a job's :class:`~fedfms.fl.learner.BundleLearner`
+:class:`FaultInjectingLearner` in place of a job's :class:`~fedfms.fl.executors.learner.BundleLearner`
 (same arguments, plus ``faults``) and the chosen sites misbehave in the chosen rounds, where a
 real fault would happen: in ``train``. :class:`OutgoingUpdateRecorder`, as the last of a site's
 ``task_result_filters``, saves every update exactly as it leaves the site (after any privacy
@@ -44,7 +44,7 @@ from nvflare.apis.shareable import ReturnCode, Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 
-from fedfms.fl.learner import BundleLearner
+from fedfms.fl.executors.learner import BundleLearner
 
 FAULT_KINDS = ("nan", "nan_inf", "frozen_key", "unknown_key", "missing_keys", "wrong_shape", "weight", "scale", "boost", "exception", "hang", "die", "delay")
 FINAL_EVALUATION_KINDS = ("exception", "hang", "die")

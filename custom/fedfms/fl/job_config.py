@@ -25,8 +25,8 @@ how long that pre-stage trains the student on the server's proxy set. A leave-on
 How the server copes with silent and hostile sites is set here too: ``--wait-after-min-received``
 (seconds the other sites get once ``min_clients`` answered: what a hung site costs per round),
 the update bounds ``--max-abs-value``, ``--max-change-norm`` and ``--max-change-ratio``
-(:mod:`fedfms.fl.update_check`), ``--clip-norm`` (each change scaled down to that norm) and
-``--aggregation median|trimmed_mean`` (:mod:`fedfms.fl.robust`; on the LoRA products in a
+(:mod:`fedfms.fl.checks.updates`), ``--clip-norm`` (each change scaled down to that norm) and
+``--aggregation median|trimmed_mean`` (:mod:`fedfms.fl.aggregators.robust`; on the LoRA products in a
 LoRA-SVD job).
 
 A resumed run (``--resume-from``) must be of the same job: the same network (every key and
@@ -54,8 +54,8 @@ from fedfms.data.partition import unseen_site
 from fedfms.distillation.prestage import INIT_MODES
 from fedfms.errors import DataError
 from fedfms.fl.exchange import NORM_STATISTICS
-from fedfms.fl.persistor import read_resume_model, resume_folder
-from fedfms.fl.robust import check_combine
+from fedfms.fl.persistors.trainable import read_resume_model, resume_folder
+from fedfms.fl.aggregators.robust import check_combine
 from fedfms.paths import resolve_path
 
 PROFILES = ("cpu_demo", "paper")
@@ -66,7 +66,7 @@ FMINIT_WORKFLOW = "FMInstructedInit"
 FMINIT_PAPER_LOCAL_EPOCHS = 5
 PAPER_TASK_TIMEOUT = 6 * 3600  # seconds a round's task may take at paper size (the demo's: 600)
 PAPER_WAIT_AFTER_MIN = 3600  # at paper size sites' epochs differ by far more than the demo's 60 s
-ROBUST_AGGREGATOR = "fedfms.fl.robust.RobustAggregator"
+ROBUST_AGGREGATOR = "fedfms.fl.aggregators.robust.RobustAggregator"
 LORA_SVD = "LoRASVDAggregator"
 RESUMING_COMPONENTS = ("persistor", "contributions", "model_selector")  # what a resumed run carries over
 EXCLUDE_VARS = "nvflare.app_common.filters.exclude_vars.ExcludeVars"

@@ -18,8 +18,8 @@ from fedfms.io import atomic_write, load_json
 
 SERVER_APP = Path("server", "simulate_job", "app_server")  # in a simulator workspace
 DOWNLOADED_APP = Path("workspace", "app_server")  # in a downloaded job result
-PRESTAGE = "prestage.json"  # written by fedfms.fl.fminit.FMInstructedInit
-RUN_STATUS = "run_status.json"  # written by fedfms.fl.recorder.ContributionRecorder
+PRESTAGE = "prestage.json"  # written by fedfms.fl.workflows.fminit.FMInstructedInit
+RUN_STATUS = "run_status.json"  # written by fedfms.fl.widgets.recorder.ContributionRecorder
 FINAL_TEST = "final_test.json"
 STATUS_ORDER = ("accepted", "rejected", "failed", "timed_out", "lost", "late")
 # Validation is the bundles' dice_metric: MONAI MeanDice with its default ignore_empty=True.

@@ -11,7 +11,7 @@ from nvflare.apis.shareable import ReturnCode
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 
-from fedfms.fl.persistor import resume_folder
+from fedfms.fl.persistors.trainable import resume_folder
 from fedfms.io import load_json, save_json
 
 BEST = "best_model.json"

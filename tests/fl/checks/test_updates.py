@@ -8,7 +8,7 @@ import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedfms.fl.update_check import UpdateValidator
+from fedfms.fl.checks.updates import UpdateValidator
 
 GLOBAL = {"a.weight": np.zeros((2, 3), np.float32), "b.bias": np.zeros(3, np.float32)}
 MODEL_KEYS = [*GLOBAL, "frozen.weight"]

@@ -9,7 +9,7 @@ an aux message on a topic no component handles. A live site answers at once (``T
 from its aux runner, whatever its executor is doing); a dead one cannot, and its reply is a
 communication error or a timeout. ``misses`` unanswered probes in a row make a site *lost*.
 
-The sites ask the same of the server while a task runs (:mod:`fedfms.fl.executor`);
+The sites ask the same of the server while a task runs (:mod:`fedfms.fl.executors.reporting`);
 :class:`RunPresence`, a server component, answers them, saying once the run is over.
 
 A site only holds a task while its job process runs (with the simulator's ``-t`` below the

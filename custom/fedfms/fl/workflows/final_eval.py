@@ -12,8 +12,8 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedfms.bundle import TEST_METRICS
 from fedfms.data.partition import UNSEEN
-from fedfms.fl.liveness import SiteWatch
-from fedfms.fl.recorder import ContributionRecorder
+from fedfms.fl.checks.liveness import SiteWatch
+from fedfms.fl.widgets.recorder import ContributionRecorder
 from fedfms.io import save_csv, save_json
 
 TEST_SPLIT = "testing"
@@ -36,7 +36,7 @@ class FinalEvaluation(ModelController):
     not answer within ``task_timeout`` seconds (or ``wait_time_after_min_received`` seconds after
     the first answer) gets a row saying so; the others' scores are kept. A site the rounds
     recorded ``lost`` (its last contribution row) is not sent the task, and one whose job process
-    stops answering during the evaluation is not waited for (:class:`~fedfms.fl.liveness.SiteWatch`).
+    stops answering during the evaluation is not waited for (:class:`~fedfms.fl.checks.liveness.SiteWatch`).
     Under FedBN (``norm_statistics: local`` in the persistor) every row says that the site scored
     the global weights with its own normalisation layers. The ``evaluate_only_sites`` of a
     leave-one-site-out job (hospitals that never trained) score the model on their own data like

@@ -2,7 +2,7 @@
 
 NVFlare's built-in aggregation adds a result key by key and turns weights that are not finite and
 positive into 1.0, so a bad update is half-added or silently re-weighted. :class:`UpdateValidator`
-is asked first, by the FedAvg workflow (:class:`fedfms.fl.fedavg.ResumableFedAvg`), and a bad
+is asked first, by the FedAvg workflow (:class:`fedfms.fl.workflows.fedavg.ResumableFedAvg`), and a bad
 update is rejected whole, with the reason:
 
 * keys: exactly those of the global model sent this round. A key the model has but does not

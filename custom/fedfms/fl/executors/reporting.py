@@ -8,8 +8,8 @@ A learner that cannot initialise (e.g. the site's ``dataset_dir`` is missing) fa
 task at once with the same message, instead of a new traceback per task.
 
 While a task runs, a watch thread asks the server whether its run goes on (an aux message that
-the server's :class:`~fedfms.fl.liveness.RunPresence` answers; the executor answers the server's
-own probes, :class:`~fedfms.fl.liveness.SiteWatch`, the same way). When the server says its run
+the server's :class:`~fedfms.fl.checks.liveness.RunPresence` answers; the executor answers the server's
+own probes, :class:`~fedfms.fl.checks.liveness.SiteWatch`, the same way). When the server says its run
 is over, or has not answered ``server_check_misses`` times in a row, a task still running here
 works for nobody: the site's job process ends, so a hung site cannot keep the simulator (which
 waits for every site's process) from exiting. A deployed site's parent process would stop it in
@@ -28,7 +28,7 @@ from nvflare.app_common.executors.model_learner_executor import ModelLearnerExec
 
 from nvflare.apis.event_type import EventType
 
-from fedfms.fl.liveness import LIVENESS_TOPIC, NO_ANSWER, RUN_STATE, answer_probe
+from fedfms.fl.checks.liveness import LIVENESS_TOPIC, NO_ANSWER, RUN_STATE, answer_probe
 
 #: Header of a failed task's reply: the site's error message.
 SITE_ERROR = "fedfms_site_error"

@@ -19,7 +19,7 @@ values beyond r, and that part of the clients' updates is lost. It is measured e
 the relative error ||M - B A||_F / ||M||_F per layer (= sqrt(Σ_{i>r} s_i²) / ||M||_F), returned
 with the parameters and logged by :class:`LoRASVDAggregator`.
 
-Robust aggregation (``combine``: ``median`` or ``trimmed_mean``, :mod:`fedfms.fl.robust`) is valid
+Robust aggregation (``combine``: ``median`` or ``trimmed_mean``, :mod:`fedfms.fl.aggregators.robust`) is valid
 here only on the products: the coordinate-wise median of the B_k A_k (and of every other tensor)
 is re-factorised the same way. A median of the A_k and of the B_k taken separately would, like
 their mean, combine factors that live in unrelated bases.
@@ -39,7 +39,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
-from fedfms.fl.robust import check_combine, restore, robust_combine
+from fedfms.fl.aggregators.robust import check_combine, restore, robust_combine
 
 # <prefix>.lora_a_q.weight / .lora_b_v.weight (LoRAQKV) and <prefix>.lora_a.weight (LoRALinear)
 _LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<side>[ab])(?P<proj>_[qv])?\.weight$")

@@ -1,7 +1,7 @@
 """Robust aggregation, for federations that expect hostile or broken sites.
 
 FedAvg's weighted mean follows any single update as far as it goes: one site can move the global
-model anywhere. The update checks (:mod:`fedfms.fl.update_check`) refuse what is plainly wrong;
+model anywhere. The update checks (:mod:`fedfms.fl.checks.updates`) refuse what is plainly wrong;
 these rules also bound what a minority of plausible-looking updates can do:
 
 * ``median``: the coordinate-wise median of the sites' tensors (the mean of the two middle values
@@ -15,7 +15,7 @@ Both ignore the sites' sample counts (an attacker would inflate its own), so a s
 as much as a large one; both keep every site's tensors in memory until the round ends (K model
 copies in float64, against one running sum for FedAvg), and sort K values per coordinate.
 Norm clipping of each change is the controller's (``clip_change_norm`` of
-:class:`~fedfms.fl.fedavg.ResumableFedAvg`) and combines with any of these.
+:class:`~fedfms.fl.workflows.fedavg.ResumableFedAvg`) and combines with any of these.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from nvflare.apis.fl_constant import FLContextKey, FLMetaKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 
-from fedfms.fl.recorder import COLUMNS, ContributionRecorder
+from fedfms.fl.widgets.recorder import COLUMNS, ContributionRecorder
 
 
 def _started(folder, resume_from=None) -> tuple[ContributionRecorder, FLContext]:

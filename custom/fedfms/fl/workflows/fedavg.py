@@ -9,9 +9,9 @@ the events the model selector and TensorBoard receiver listen to) and changes th
   others get ``wait_time_after_min_received`` more seconds (as NVFlare's ``ScatterAndGather``),
   and a site that answers later is recorded ``late``;
 * a site that holds the task and whose job process stops answering the server
-  (:class:`~fedfms.fl.liveness.SiteWatch`) is recorded ``lost`` at once and is not waited for;
+  (:class:`~fedfms.fl.checks.liveness.SiteWatch`) is recorded ``lost`` at once and is not waited for;
   it gets no task in later rounds until it answers again;
-* every update goes through the :class:`~fedfms.fl.update_check.UpdateValidator` as it arrives,
+* every update goes through the :class:`~fedfms.fl.checks.updates.UpdateValidator` as it arrives,
   so a bad one is refused whole, whatever the order of arrival; when the round's task ends, the
   updates that passed are compared with each other (change norm against the median of the
   others') and, with ``clip_change_norm``, each change is scaled down to that norm;
@@ -23,7 +23,7 @@ the events the model selector and TensorBoard receiver listen to) and changes th
   and ends the rounds, so the workflows after FedAvg (final evaluation) still run on the last
   good global model;
 * every expected contribution and the run's end state go to the
-  :class:`~fedfms.fl.recorder.ContributionRecorder`.
+  :class:`~fedfms.fl.widgets.recorder.ContributionRecorder`.
 
 It also resumes: when the persistor starts from a saved global model, the rounds continue after
 the ones that model records, with the update checks' memory (each site's first sample count)
@@ -52,11 +52,11 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
-from fedfms.fl.executor import site_error
-from fedfms.fl.liveness import SiteWatch
-from fedfms.fl.persistor import COMPLETED_ROUNDS
-from fedfms.fl.recorder import ContributionRecorder
-from fedfms.fl.update_check import UpdateValidator
+from fedfms.fl.executors.reporting import site_error
+from fedfms.fl.checks.liveness import SiteWatch
+from fedfms.fl.persistors.trainable import COMPLETED_ROUNDS
+from fedfms.fl.widgets.recorder import ContributionRecorder
+from fedfms.fl.checks.updates import UpdateValidator
 
 #: Key of the saved global model's meta: the update checks' memory, restored on resume.
 VALIDATOR_STATE = "update_validator_state"
@@ -86,10 +86,10 @@ class ResumableFedAvg(FedAvg):
             this is recorded ``late`` and left out of the round, so give heterogeneous sites room.
         clip_change_norm: scale each accepted update's change against the global model down to at
             most this L2 norm (None: no clipping); the row records the clipping.
-        liveness_interval, liveness_timeout, liveness_misses: how :class:`~fedfms.fl.liveness.SiteWatch`
+        liveness_interval, liveness_timeout, liveness_misses: how :class:`~fedfms.fl.checks.liveness.SiteWatch`
             probes sites that hold the task but have not answered (interval 0: never).
-        validator_id: the :class:`~fedfms.fl.update_check.UpdateValidator` component.
-        recorder_id: the :class:`~fedfms.fl.recorder.ContributionRecorder` component.
+        validator_id: the :class:`~fedfms.fl.checks.updates.UpdateValidator` component.
+        recorder_id: the :class:`~fedfms.fl.widgets.recorder.ContributionRecorder` component.
         evaluate_only_sites: sites that never get a training task (the unseen hospital of a
             leave-one-site-out job, which only scores the final model in ``FinalEvaluation``).
         kwargs: ``FedAvg`` arguments (``num_rounds``, ``persistor_id``, ``aggregator``, ...).

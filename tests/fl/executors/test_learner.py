@@ -6,7 +6,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from torch import nn
 
 from fedfms.errors import DataError
-from fedfms.fl.learner import BundleLearner
+from fedfms.fl.executors.learner import BundleLearner
 from fedfms.fl.site_settings import SETTINGS_ENV
 
 

@@ -9,7 +9,7 @@ from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_lear
 from nvflare.app_common.app_constant import AppConstants
 from torch import nn
 
-from fedfms.fl.persistor import COMPLETED_ROUNDS, TrainableModelPersistor
+from fedfms.fl.persistors.trainable import COMPLETED_ROUNDS, TrainableModelPersistor
 
 
 def _network(seed: int) -> nn.Module:

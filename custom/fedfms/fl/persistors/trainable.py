@@ -58,7 +58,7 @@ class TrainableModelPersistor(PTFileModelPersistor):
     Args:
         resume_from: the server app folder of an earlier run of the same job (or its
             ``FL_global_model.pt``). The run starts from that global model, keeps its best model,
-            and :class:`fedfms.fl.fedavg.ResumableFedAvg` continues after the rounds it records.
+            and :class:`fedfms.fl.workflows.fedavg.ResumableFedAvg` continues after the rounds it records.
             Relative paths: see :mod:`fedfms.paths`. None starts from the bundle's initial network.
         norm_statistics: ``global`` (normalisation statistics travel) or ``local`` (FedBN).
         kwargs: ``PTFileModelPersistor`` arguments (``model``, file names, ...).

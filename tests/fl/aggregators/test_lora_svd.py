@@ -10,7 +10,7 @@ import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedfms.fl.lora_svd import LoRASVDAggregator, aggregate_lora, lora_pairs, refactorize
+from fedfms.fl.aggregators.lora_svd import LoRASVDAggregator, aggregate_lora, lora_pairs, refactorize
 from fedfms.models import build_model
 
 ENC = "image_encoder.blocks.0.attn.qkv"
@@ -182,7 +182,7 @@ def test_aggregator_end_to_end_with_real_lora_names(tiny_flapsam, caplog):
     aggregator.reset_stats()  # as FedAvg does at the start of every round
     aggregator.accept_model(fl_model(c1, steps=30, name="site-1"))
     aggregator.accept_model(fl_model(c2, steps=10, name="site-2"))
-    with caplog.at_level(logging.INFO, logger="fedfms.fl.lora_svd"):
+    with caplog.at_level(logging.INFO, logger="fedfms.fl.aggregators.lora_svd"):
         result = aggregator.aggregate_model()
 
     assert result.params_type == ParamsType.FULL and result.params.keys() == c1.keys()

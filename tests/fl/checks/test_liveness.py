@@ -9,7 +9,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReturnCode, make_reply
 
-from fedfms.fl.liveness import RUN_STATE, RunPresence, SiteWatch
+from fedfms.fl.checks.liveness import RUN_STATE, RunPresence, SiteWatch
 
 
 class Replies:

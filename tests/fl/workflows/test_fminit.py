@@ -13,7 +13,7 @@ from fedfms.bundle import bundle_network, bundle_parser
 from fedfms.data.partition import PartitionOptions, partition
 from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
-from fedfms.fl.learner import site_datalist
+from fedfms.fl.executors.learner import site_datalist
 from fedfms.models import count_parameters
 from tests.fl.conftest import APP, check_federated_run, job_copy, same_model, simulate
 

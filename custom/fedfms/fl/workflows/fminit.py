@@ -2,12 +2,12 @@
 
 List it in ``config_fed_server.json`` before the FedAvg workflow, with the same persistor:
 
-    {"id": "fminit", "path": "fedfms.fl.fminit.FMInstructedInit",
+    {"id": "fminit", "path": "fedfms.fl.workflows.fminit.FMInstructedInit",
      "args": {"mode": "fm", "bundle_root": "bundles/smlite_prostate", ..., "teacher": {"kind": "litemedsam"}}}
 
 NVFlare runs workflows one after the other, so the pre-stage trains the student on the server's
 proxy set (:func:`fedfms.distillation.run_prestage`) and hands it to the persistor
-(:meth:`fedfms.fl.persistor.TrainableModelPersistor.adopt_initial_model`); FedAvg's round 0 then
+(:meth:`fedfms.fl.persistors.trainable.TrainableModelPersistor.adopt_initial_model`); FedAvg's round 0 then
 sends the student's weights, and only those, to the clients. Nothing of the proxy set or the
 teacher leaves the server. A bad input (no proxy set, an empty one, one without foreground, a
 missing teacher checkpoint) stops the job here, before round 0, with an error naming the path.

@@ -15,7 +15,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import make_model_learnable
 
 from fedfms.bundle import TEST_METRICS
-from fedfms.fl.final_eval import COLUMNS, FinalEvaluation
+from fedfms.fl.workflows.final_eval import COLUMNS, FinalEvaluation
 
 # site-1 has no empty test slice (fp_rate_empty NaN), site-2 no volume with an HD95, site-3 does not answer.
 SCORES = {

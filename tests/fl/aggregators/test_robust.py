@@ -8,9 +8,9 @@ import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedfms.fl.lora_svd import LoRASVDAggregator
-from fedfms.fl.robust import RobustAggregator, robust_combine, trimmed_count
-from tests.fl.test_lora_svd import client, product
+from fedfms.fl.aggregators.lora_svd import LoRASVDAggregator
+from fedfms.fl.aggregators.robust import RobustAggregator, robust_combine, trimmed_count
+from tests.fl.aggregators.test_lora_svd import client, product
 
 
 def _model(params: dict, weight: float = 10.0, kind: str = ParamsType.FULL) -> FLModel:

@@ -4,7 +4,7 @@
 happened to its update (written after each, atomically):
 
     accepted    checked and aggregated
-    rejected    refused by :class:`fedfms.fl.update_check.UpdateValidator`; ``reason`` says why
+    rejected    refused by :class:`fedfms.fl.checks.updates.UpdateValidator`; ``reason`` says why
     failed      the site's task ended in an error (``reason``: NVFlare's return code and the site's message)
     timed_out   no answer within the round's task timeout, or within ``wait_time_after_min_received``
                 once enough sites had answered
@@ -13,7 +13,7 @@ happened to its update (written after each, atomically):
 
 ``weight`` is what the site's update weighed in the round's sum (FedAvg's ``NUM_STEPS_CURRENT_ROUND``;
 empty when the aggregation ignores weights, e.g. a coordinate-wise median) and ``change_norm`` the
-L2 norm of its change against the round's global model (see :mod:`fedfms.fl.update_check`).
+L2 norm of its change against the round's global model (see :mod:`fedfms.fl.checks.updates`).
 
 ``<app_server>/run_status.json`` says whether FedAvg completed its rounds, ended early (too few
 good updates: ``reason``), or the run was aborted (NVFlare's fatal-error reason), so a run is

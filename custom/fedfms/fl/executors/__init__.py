@@ -1,0 +1,1 @@
+"""Client side: the bundle learner and the executor that runs it."""

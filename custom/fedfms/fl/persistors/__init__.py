@@ -1,0 +1,1 @@
+"""The global model on the server's disk: partial exchange, guarded saves, resume."""

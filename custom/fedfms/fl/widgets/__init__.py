@@ -1,0 +1,1 @@
+"""Server components that listen to the run: contribution records, best-model selection."""
