@@ -183,3 +183,7 @@ def test_a_real_run_whose_sites_all_fail_at_start_exits_4_and_says_why(fl_data, 
     assert "run ENDED EARLY: round 0: 0 acceptable updates of 1 sites" in captured.out  # the report
     assert "the run did not complete (exit 4): the run ended early: round 0: 0 acceptable updates" in captured.err
     assert f"{tmp_path / 'no_data'}: site site-1: no prepared data folder here" in captured.err  # the site's own words, from the log
+    [row] = json.loads((tmp_path / "ws" / APP / "round_metrics.json").read_text())
+    assert row["status"] == "failed" and f"{tmp_path / 'no_data'}: site site-1: no prepared data folder here" in row["reason"]  # the server's record
+    assert "round 0 site-1: failed: the site's task ended with EXECUTION_EXCEPTION" in captured.out
+    assert (tmp_path / "ws" / "simulator.log").read_text().count("Traceback") <= 2  # the failed start; later tasks fail without one
