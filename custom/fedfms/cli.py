@@ -162,7 +162,7 @@ def _job(args: argparse.Namespace) -> int:
     given["overrides"] = dict(args.overrides) if args.overrides else None
     out = configure_job(args.job, args.out, JobOptions(**given))
     print(f"job written to {out}")
-    print(f"  simulate it:  nvflare simulator {out} -w WORKSPACE -c SITE,SITE,... -t N   (the hospitals' names; -n N names them site-1..N)")
+    print(f"  simulate it:  fedfms simulate {out} -w WORKSPACE -c SITE,SITE,... -t N   (nvflare simulator, judged by its records; -n N names the sites site-1..N)")
     print(f"  submit it:    nvflare job submit -j {out}   (POC or a provisioned project; see the README's Deploy section)")
     return 0
 

@@ -127,7 +127,7 @@ def test_bad_requests_are_clear_errors_and_write_nothing(tmp_path, checkpoint):
 def test_job_command(tmp_path, checkpoint, capsys):
     assert main(["job", "jobs/fedsam_prostate", "--out", str(tmp_path / "j"), "--profile", "paper", "--pretrained-checkpoint", str(checkpoint)]) == 0
     out = capsys.readouterr().out
-    assert f"nvflare simulator {tmp_path / 'j'}" in out and f"nvflare job submit -j {tmp_path / 'j'}" in out
+    assert f"fedfms simulate {tmp_path / 'j'}" in out and f"nvflare job submit -j {tmp_path / 'j'}" in out
     assert main(["job", "jobs/fedsam_prostate", "--out", str(tmp_path / "k"), "--profile", "paper"]) == 2
     assert "needs --pretrained-checkpoint" in capsys.readouterr().err
 
@@ -281,7 +281,7 @@ def test_seed_reaches_every_network_and_the_learners_round_seeds(tmp_path):
 def test_job_command_says_how_to_simulate_and_submit_the_copy(tmp_path, capsys):
     assert main(["job", str(REPO / "jobs/fedmsa_prostate_loso"), "--out", str(tmp_path / "loso"), "--evaluate-only", "HK"]) == 0
     printed = capsys.readouterr().out
-    assert f"nvflare simulator {tmp_path / 'loso'} -w WORKSPACE -c SITE,SITE,..." in printed
+    assert f"fedfms simulate {tmp_path / 'loso'} -w WORKSPACE -c SITE,SITE,..." in printed
     assert f"nvflare job submit -j {tmp_path / 'loso'}" in printed
 
 
