@@ -20,6 +20,7 @@ task holders never mistakes a waiting site for a dead one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
@@ -120,3 +121,28 @@ class RunPresence(FLComponent):
         reply = make_reply(ReturnCode.OK)
         reply.set_header(RUN_STATE, self.state)
         return reply
+
+
+class WatchedTasks:
+    """Mixin for a ``ModelController`` with a :class:`SiteWatch` (``self.watch``): waits for its task without waiting for lost sites.
+
+    It notes each site as it takes the task (``self._holders``, a set the controller resets per task),
+    so only sites that hold it are probed.
+    """
+
+    def _prepare_task_data(self, client_task, fl_ctx: FLContext) -> None:
+        self._holders.add(client_task.client.name)
+        super()._prepare_task_data(client_task, fl_ctx)
+
+    def wait_watched(self, targets: list[str], answered: Callable[[], set[str]], on_lost: Callable[[str, str], None]) -> bool:
+        """Wait until the task ends; silent holders found gone go to ``on_lost`` and, once only they are left, the task ends. False on abort."""
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                return False
+            silent = sorted(self._holders - answered())
+            for site, why in self.watch.check(self.engine, self.communicator, self.fl_ctx, silent).items():
+                on_lost(site, why)
+            if set(targets) <= answered() | set(self.watch.lost):
+                self.cancel_all_tasks(fl_ctx=self.fl_ctx)  # only lost sites were left to wait for
+            time.sleep(self._task_check_period)
+        return True

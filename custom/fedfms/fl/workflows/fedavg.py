@@ -33,7 +33,6 @@ saved in that model, and the records of an interrupted round replaced by the new
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import torch
@@ -53,7 +52,7 @@ from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
 from fedfms.fl.executors.reporting import site_error
-from fedfms.fl.checks.liveness import SiteWatch
+from fedfms.fl.checks.liveness import SiteWatch, WatchedTasks
 from fedfms.fl.persistors.trainable import COMPLETED_ROUNDS
 from fedfms.fl.widgets.recorder import ContributionRecorder
 from fedfms.fl.checks.updates import UpdateValidator
@@ -74,7 +73,7 @@ def start_of(model: FLModel) -> int:
     return model.start_round or 0
 
 
-class ResumableFedAvg(FedAvg):
+class ResumableFedAvg(WatchedTasks, FedAvg):
     """NVFlare's FedAvg with checked updates, bounded rounds, full records and resume (see the module docstring).
 
     Args:
@@ -210,7 +209,8 @@ class ResumableFedAvg(FedAvg):
                 blocking=False,
                 callback=self._aggregate_one_result,
             )
-        if not self._wait(clients):
+        if not self.wait_watched(clients, lambda: set(self._outcomes), lambda site, why: self._record(site, "lost", why)):
+            self.info("Abort signal triggered. Finishing FedAvg.")
             return False
         answered = sum(status != "lost" for status in self._outcomes.values())
         for site in sorted(set(clients) - set(self._outcomes)):
@@ -225,20 +225,6 @@ class ResumableFedAvg(FedAvg):
             self.error(f"the rounds end early: {reason}")
             self.recorder.run_status("ended_early", reason, rounds_completed=self.current_round, rounds_planned=model.total_rounds)
             return False
-        return True
-
-    def _wait(self, clients: list[str]) -> bool:
-        """Wait for the round's task to end; lost sites are recorded and not waited for. False on abort."""
-        while self.get_num_standing_tasks():
-            if self.abort_signal.triggered:
-                self.info("Abort signal triggered. Finishing FedAvg.")
-                return False
-            silent = sorted(self._holders - set(self._outcomes))
-            for site, why in self.watch.check(self.engine, self.communicator, self.fl_ctx, silent).items():
-                self._record(site, "lost", why)
-            if set(clients) <= set(self._outcomes):
-                self.cancel_all_tasks(fl_ctx=self.fl_ctx)  # only lost sites were left to wait for
-            time.sleep(self._task_check_period)
         return True
 
     def _silence(self, answered: int) -> str:
@@ -301,11 +287,6 @@ class ResumableFedAvg(FedAvg):
         self._received_count, self._expected_count = 0, expected
         self._params_type, self._site_metric_weights = None, {}
         self._outcomes, self._passed, self._accepted, self._holders = {}, {}, {}, set()
-
-    def _prepare_task_data(self, client_task, fl_ctx: FLContext) -> None:
-        """The task is handed to a site: from now on the site's silence means something."""
-        self._holders.add(client_task.client.name)
-        super()._prepare_task_data(client_task, fl_ctx)
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
         """Check the update as it arrives; one that passes waits for the round's end (:meth:`_settle`)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from nvflare.apis.fl_constant import FLContextKey
@@ -12,7 +11,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedfms.bundle import TEST_METRICS
 from fedfms.data.partition import UNSEEN
-from fedfms.fl.checks.liveness import SiteWatch
+from fedfms.fl.checks.liveness import SiteWatch, WatchedTasks
 from fedfms.fl.widgets.recorder import ContributionRecorder
 from fedfms.io import save_csv, save_json
 
@@ -21,7 +20,7 @@ COLUMNS = ("site", *TEST_METRICS, "note")
 FEDBN_NOTE = "scored with the site's own normalisation layers (FedBN), not the saved global model's"
 
 
-class FinalEvaluation(ModelController):
+class FinalEvaluation(WatchedTasks, ModelController):
     """Sends the last global model with ``meta["split"] = "testing"`` to every client's validate task.
 
     Each site answers with its test-set scores, ``TEST_METRICS`` (written in full at the site,
@@ -103,19 +102,9 @@ class FinalEvaluation(ModelController):
             timeout=self.task_timeout, wait_time_after_min_received=self.wait_time_after_min_received if self.task_timeout else 0,
             blocking=False, callback=results.append,
         )
-        while self.get_num_standing_tasks() and not self.abort_signal.triggered:
-            answered = {r.meta.get("client_name") for r in results}
-            silent = sorted(self._holders - answered)
-            for site, why in self.watch.check(self.engine, self.communicator, self.fl_ctx, silent).items():
-                self.warning(f"{site} is lost: {why}")
-            if set(targets) <= answered | set(self.watch.lost):
-                self.cancel_all_tasks(fl_ctx=self.fl_ctx)
-            time.sleep(self._task_check_period)
+        answered = lambda: {r.meta.get("client_name") for r in results}  # noqa: E731
+        self.wait_watched(targets, answered, lambda site, why: self.warning(f"{site} is lost: {why}"))
         return results
-
-    def _prepare_task_data(self, client_task, fl_ctx) -> None:
-        self._holders.add(client_task.client.name)
-        super()._prepare_task_data(client_task, fl_ctx)
 
     def _lost_in_rounds(self) -> dict[str, str]:
         """Sites whose last contribution row says ``lost`` (the rounds' recorder, if the job has one)."""
