@@ -25,6 +25,7 @@ fedfms partition --data "$demo/data_stack5" --method natural --proxy-fraction 0.
 fedfms prepare --bundle bundles/smlite_prostate --src "$raw" --layout saml --out "$demo/data_256"
 fedfms partition --data "$demo/data_256" --method attribute --attribute age --clients 3 --proxy-fraction 0.23 --out "$demo/data_256/partitions/age"
 fedfms partition --data "$demo/data_256" --method quantity --clients 3 --proxy-fraction 0.23 --out "$demo/data_256/partitions/quantity"
+fedfms partition --data "$demo/data_256" --method natural --proxy-fraction 0.23 --out "$demo/data_256/partitions/natural"
 
 echo
 echo "raw volumes:        $raw/<SITE>/CaseNN.nii.gz, clinical tables $raw/<SITE>/clinical.csv"

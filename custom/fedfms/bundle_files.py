@@ -47,6 +47,52 @@ VARIANTS = (
 )
 
 
+INPUT_SHAPE = "_meta_#network_data_format#inputs#image#spatial_shape"  # MONAI's id of the declared input shape
+
+
+def verify_checks(bundle_dir: str | os.PathLike) -> list[tuple[str, list[str], dict]]:
+    """MONAI's ``verify_net_in_out`` as the bundle's docs give it: (profile, config files, overrides) per profile.
+
+    ``metadata.json`` declares the input shape of the bundle's own configuration: ``32*n``-style
+    for networks that take any multiple of a size, plain numbers for a SAM image encoder (built
+    for one ``image_size``). The CPU demo profile builds smaller SAM encoders, so its check states
+    that profile's size.
+    """
+    bundle = Path(bundle_dir)
+    shape = load_json(bundle / "configs" / "metadata.json")["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    fixed = all(isinstance(size, int) for size in shape)
+    demo_size = cpu_demo_profile(bundle)["image_size"]
+    return [
+        ("train.json/inference.json", ["configs/inference.json"], {}),
+        (PROFILE, ["configs/inference.json", f"configs/{PROFILE}.json"], {INPUT_SHAPE: [demo_size] * len(shape)} if fixed else {}),
+    ]
+
+
+def _verify_text(bundle: Path) -> str:
+    """The README's check commands and what the declared shape means."""
+    shape = load_json(bundle / "configs" / "metadata.json")["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    blocks = []
+    for profile, configs, overrides in verify_checks(bundle):
+        files = configs[0] if len(configs) == 1 else "\"[" + ",".join(f"'{c}'" for c in configs) + "]\""
+        extra = "".join(f' \\\n    --{key} "{json.dumps(value, separators=(",", ":"))}"' for key, value in overrides.items())
+        blocks.append(
+            f"```bash\n# {profile}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\\n"
+            f'    --config_file {files} --bundle_root "$PWD"{extra}\n```'
+        )
+    if all(isinstance(size, int) for size in shape):
+        meaning = (
+            f"The network takes exactly {' x '.join(map(str, shape))} px in the bundle's configuration: a SAM image encoder is built "
+            f"for one input size (`image_size`). The CPU demo profile builds it for {cpu_demo_profile(bundle)['image_size']} px, so its "
+            "check states that size."
+        )
+    else:
+        meaning = (
+            f"`spatial_shape` in `metadata.json` is `{shape[0]}`: any n >= 1, in training (batch norm, deep supervision) as in "
+            "inference; MONAI's check uses n = 1 unless given `--n`."
+        )
+    return "\n\n".join(blocks) + "\n\n" + meaning
+
+
 def is_bundle(folder: Path) -> bool:
     return all((folder / name).is_file() for name in OWN_FILES)
 
@@ -90,6 +136,7 @@ def _readme(bundle: Path) -> str:
         "version": metadata["version"],
         "pretrained": PRETRAINED_REQUIRED if "pretrained_checkpoint" not in method else FROM_SCRATCH,
         "variants": VARIANTS if method["model"] in SAM_MODELS else "",
+        "verify": _verify_text(bundle),
     }
     return (TEMPLATES / "README.md").read_text().format(**fields)
 

@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 from fedfms.errors import DataError
 
@@ -59,8 +60,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _partition(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from fedfms.data.partition import PartitionOptions, partition
 
     names = {f.name for f in fields(PartitionOptions)}
@@ -190,7 +189,7 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
         "simulator could not start or exited non-zero (the log's last lines are shown); 6 it ran past --timeout and "
         "was stopped with every process it started; 130 interrupted (Ctrl-C), stopped the same way.",
     )
-    p.add_argument("job", help="a job folder, e.g. jobs/fedmsa_prostate or one written by `fedfms job`")
+    p.add_argument("job", help="a job folder (e.g. one written by `fedfms job`), or the name of a shipped job, e.g. fedmsa_prostate")
     p.add_argument("-w", "--workspace", required=True, help="simulator workspace (emptied by the simulator when it starts)")
     p.add_argument("-n", "--n_clients", type=int, help="number of sites, named site-1..N")
     p.add_argument("-c", "--clients", help="site names, comma separated (e.g. the hospitals: BMC,I2CVB,RUNMC)")
@@ -267,6 +266,7 @@ def _add_partition(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (quantity, dirichlet); small = skewed")
     p.add_argument("--proxy-fraction", type=float, default=0.1, help="share of each site's training cases kept for the server")
     p.add_argument("--client-prefix", default="site-", help="client names for pooled methods: <prefix>1..K")
+    p.add_argument("--client-names", nargs="+", metavar="NAME", help="pooled methods: the clients' names, e.g. the hospitals' (RUNMC BMC HK); sets --clients")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_partition)
 
@@ -300,7 +300,7 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     from fedfms.fl.aggregators.robust import COMBINES
 
     p = commands.add_parser("job", help="a configured copy of a job folder: profile, data, rounds, resume")
-    p.add_argument("job", help="a job folder, e.g. jobs/fedmsa_prostate")
+    p.add_argument("job", help="a job folder, or the name of a job that ships with fedfms, e.g. fedmsa_prostate")
     p.add_argument("--out", required=True, help="new job folder to write (must not exist)")
     p.add_argument("--profile", choices=("cpu_demo", "paper"), help="paper: the bundle's own sizes, 100 rounds x 1 local epoch")
     p.add_argument("--pretrained-checkpoint", help="local SAM/MedSAM checkpoint (required by the paper profile of SAM jobs)")
@@ -378,6 +378,24 @@ def _add_bundles(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_bundles)
 
 
+def _deploy_template(args: argparse.Namespace) -> int:
+    from fedfms.fl.deploy_template import write_deploy_template
+
+    for path in write_deploy_template(args.out, server=args.server, sites=args.sites):
+        print(f"wrote {path}")
+    print(f"  provision:  nvflare provision -p {Path(args.out) / 'project.yml'} -w WORKSPACE   (one startup kit per participant)")
+    print(f"  submit:     python {Path(args.out) / 'submit_job.py'} ADMIN_KIT JOB_FOLDER   (FLARE API; or nvflare job submit)")
+    return 0
+
+
+def _add_deploy_template(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("deploy-template", help="write the NVFlare project file (project.yml) and the FLARE API submit script")
+    p.add_argument("--out", required=True, help="folder to write project.yml and submit_job.py into (existing files are not overwritten)")
+    p.add_argument("--server", help="the server's DNS name, as clients will reach it (default: localhost, a rehearsal on one machine)")
+    p.add_argument("--sites", nargs="+", metavar="NAME", help="the hospitals' client names, as their datalists are named (default: RUNMC BMC HK)")
+    p.set_defaults(run=_deploy_template)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfms", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -388,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_job(commands)
     _add_simulate(commands)
+    _add_deploy_template(commands)
     _add_bundles(commands)
     _add_experiment(commands)
     return parser

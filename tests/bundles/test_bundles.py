@@ -1,14 +1,18 @@
 """The bundles through MONAI's own CLI and checks: train, evaluate, infer, verify."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.bundle import ConfigWorkflow
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_net_in_out
 
+from fedfms.bundle_files import verify_checks
 from tests.bundles.conftest import BUNDLES, NAMES, config_files, run_bundle, train_losses
 
 
@@ -124,15 +128,47 @@ def test_monai_properties_are_complete(tiny_data, tmp_path, bundle, workflow, ex
     assert wf.check_properties() == []
 
 
-@pytest.mark.parametrize("bundle", NAMES)
+PAPER_SIZE_SAM = ("fedsam_prostate", "fedmsa_prostate")  # ViT-B at 1024 px: seconds per forward pass on a CPU
+
+
+def _checks():
+    for bundle in NAMES:
+        for profile, configs, overrides in verify_checks(BUNDLES / bundle):
+            slow = bundle in PAPER_SIZE_SAM and profile != "cpu_demo"
+            yield pytest.param(bundle, configs, overrides, id=f"{bundle}-{profile.split('/')[0]}", marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("bundle,configs,overrides", list(_checks()))
+def test_declared_shapes_pass_monais_verify_net_in_out(bundle, configs, overrides):
+    """The check each bundle's docs give, with MONAI's defaults (n = 1); it raises on a shape the network refuses."""
+    root = BUNDLES / bundle
+    verify_net_in_out("network_def", meta_file=str(root / "configs/metadata.json"), config_file=[str(root / c) for c in configs],
+                      bundle_root=str(root), device="cpu", **overrides)
+
+
+@pytest.mark.parametrize("bundle", [b for b in NAMES if b not in ("fedsam_prostate", "fedmsa_prostate", "flapsam_prostate")])
+@pytest.mark.parametrize("profile", [["train.json"], ["train.json", "cpu_demo.json"]])
+@pytest.mark.parametrize("n", [1, 2])
+def test_declared_shapes_also_train(bundle, profile, n):
+    """`k*n` shapes hold in training mode too (batch norm and deep supervision need more than one value per channel)."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / bundle / "configs" / name) for name in profile])
+    parser.read_meta(str(BUNDLES / bundle / "configs/metadata.json"))
+    parser["bundle_root"] = str(BUNDLES / bundle)
+    shape = parser["_meta_#network_data_format#inputs#image#spatial_shape"]
+    size = [int(s.split("*")[0]) * n for s in shape]
+    network = parser.get_parsed_content("network_def").train()
+    output = network(torch.rand(2, 1, *size))
+    assert (output[0] if isinstance(output, (list, tuple)) else output).shape[-2:] == tuple(size)
+
+
 @pytest.mark.slow
-def test_verify_net_in_out_through_inference_json_alone(standalone, tmp_path, bundle):
-    args = [
-        sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
-        "--meta_file", str(standalone / bundle / "configs" / "metadata.json"),
-        "--config_file", config_files(standalone, bundle, "inference.json", "cpu_demo.json"), "--bundle_root", str(standalone / bundle), "--n", "4",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def test_documented_verify_command_runs_in_a_shell(standalone):
+    """The README's cpu_demo check for a SAM bundle, pasted into bash in the bundle folder (the shape override included)."""
+    readme = (standalone / "flapsam_prostate" / "docs" / "README.md").read_text()
+    block = readme.split("# cpu_demo\n", 1)[1].split("```", 1)[0]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `python` is this environment's
+    result = subprocess.run(["bash", "-c", block], cwd=standalone / "flapsam_prostate", env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
 
 

@@ -183,3 +183,26 @@ def test_age_skew_from_the_command_line(prepared, tmp_path, capsys):
     assert "site-3" in capsys.readouterr().out
     summary = json.loads((tmp_path / "partition.json").read_text())
     assert summary["options"]["attribute"] == "age" and summary["clients"] == ["site-1", "site-2", "site-3"]
+
+
+def test_pooled_clients_take_the_hospitals_names(prepared, tmp_path, capsys):
+    """`--client-names` names an age-skewed partition's clients as deployed sites are named; the same cases go to each."""
+    argv = ["partition", "--data", str(prepared), "--method", "attribute", "--attribute", "age"]
+    assert main([*argv, "--out", str(tmp_path / "numbered")]) == 0
+    assert main([*argv, "--client-names", "RUNMC", "BMC", "HK", "--out", str(tmp_path / "named")]) == 0
+    summary = json.loads((tmp_path / "named" / "partition.json").read_text())
+    assert summary["clients"] == ["RUNMC", "BMC", "HK"] and summary["options"]["num_clients"] == 3
+    for number, name in zip(("site-1", "site-2", "site-3"), ("RUNMC", "BMC", "HK")):
+        numbered, named = (json.loads((tmp_path / kind / f"{client}.json").read_text()) for kind, client in (("numbered", number), ("named", name)))
+        assert named.pop("name") == name and numbered.pop("name") == number and named == numbered
+    assert (tmp_path / "named" / f"{PROXY}.json").is_file()
+
+
+@pytest.mark.parametrize("names, method, error", [
+    (("RUNMC", "RUNMC"), "quantity", "must be distinct"),
+    (("RUNMC", PROXY), "quantity", "reserved"),
+    (("RUNMC", "BMC"), "natural", "sites' own"),
+])
+def test_bad_client_names_are_refused(names, method, error):
+    with pytest.raises(ValueError, match=error):
+        PartitionOptions(method=method, client_names=names)

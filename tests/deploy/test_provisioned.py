@@ -1,10 +1,13 @@
 """A provisioned NVFlare project on localhost: real server and client processes run a shipped job.
 
-What a deployment goes through, end to end: ``nvflare provision`` writes the startup kits, each
-participant starts from its kit's ``startup/start.sh``, the admin submits a job through the FLARE
-API and downloads its result, and the result holds the model and the records the simulator tests
-check. Every wait is bounded, failures show the tails of the participants' logs, and every process
-the test started is stopped at the end.
+What a deployment goes through, end to end: ``fedfms deploy-template`` writes the project file and
+the submit script, ``nvflare provision`` writes the startup kits, each participant starts from its
+kit's ``startup/start.sh``, the admin submits a job with the README's FLARE API snippet as written
+(the shipped ``submit_job.py`` is checked on a bad job folder) and downloads the result, and the
+result holds the model and the records the simulator tests check. One hospital's settings point at a data folder that does not exist: the run goes on
+without it, and its own error reaches the server's records and ``fedfms report``. Every wait is
+bounded, failures show the tails of the participants' logs, and every process the test started is
+stopped at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import psutil
 import pytest
 import torch
 import yaml
-from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 from nvflare.fuel.flare_api.flare_api import Session, new_secure_session
 from nvflare.lighter.utils import update_storage_locations
 
@@ -38,10 +40,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:ssl_context is deprecated:DeprecationWarning"),  # inside the FLARE API's client
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-PROJECT_FILE = REPO / "deploy" / "project.yml"
 NVFLARE = Path(sys.executable).with_name("nvflare")
 SITES = ("RUNMC", "BMC")  # client names = datalist names of the synthetic data
+MISCONFIGURED = "HK"  # its settings name a data folder that does not exist
 ADMIN = "admin@fedfms.org"  # project_admin: may submit bring-your-own-code jobs
 MARKER = "FEDFMS_DEPLOY_TEST"  # in the environment of every process this test starts, and inherited by theirs
 CONNECT_TIMEOUT = 60.0  # s for the server to answer and both clients to register
@@ -59,6 +60,11 @@ class Kits:
 
     def all(self) -> list[Path]:
         return [self.server, *self.clients.values()]
+
+    @property
+    def submit_script(self) -> Path:
+        return self.admin.parents[3] / "submit_job.py"  # written beside project.yml by `fedfms deploy-template`
+
 
 
 @dataclass
@@ -79,10 +85,10 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def two_site_project(ports: list[int]) -> dict:
-    """The shipped project reduced to the server, the two test sites and the project admin, on free ports."""
-    project = yaml.safe_load(PROJECT_FILE.read_text())
-    keep = {*SITES, ADMIN}
+def reduced_project(project_file: Path, ports: list[int]) -> dict:
+    """The shipped project reduced to the server, the test sites and the project admin, on free ports."""
+    project = yaml.safe_load(project_file.read_text())
+    keep = {*SITES, MISCONFIGURED, ADMIN}
     project["participants"] = [p for p in project["participants"] if p["type"] == "server" or p["name"] in keep]
     server = next(p for p in project["participants"] if p["type"] == "server")
     server["fed_learn_port"], server["admin_port"] = ports
@@ -90,15 +96,17 @@ def two_site_project(ports: list[int]) -> dict:
 
 
 def provision(folder: Path) -> Kits:
+    """The packaged template (`fedfms deploy-template`), on free ports, provisioned as an operator does."""
+    assert main(["deploy-template", "--out", str(folder)]) == 0
     project_file = folder / "project.yml"
-    project = two_site_project(free_ports(2))
+    project = reduced_project(project_file, free_ports(2))
     project_file.write_text(yaml.safe_dump(project))
     result = subprocess.run([str(NVFLARE), "provision", "-p", str(project_file), "-w", str(folder / "workspace")],
                             cwd=folder, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     prod = sorted((folder / "workspace" / project["name"]).glob("prod_*"))[-1]  # prod_00 on a fresh workspace
     server = next(p["name"] for p in project["participants"] if p["type"] == "server")
-    kits = Kits(prod / server, {site: prod / site for site in SITES}, prod / ADMIN)
+    kits = Kits(prod / server, {site: prod / site for site in (*SITES, MISCONFIGURED)}, prod / ADMIN)
     # The kit's job and snapshot stores default to /tmp/nvflare/..., shared by every project on the
     # machine; keep them in this workspace (what `nvflare poc prepare` does for its server).
     update_storage_locations(str(kits.server / "local"), str(kits.server))
@@ -219,8 +227,8 @@ def deployment(tmp_path_factory):
         started += [start(kit, env) for kit in kits.clients.values()]
         with logs_on_failure(kits):
             session = new_secure_session(ADMIN, str(kits.admin), timeout=CONNECT_TIMEOUT)  # retries until the server answers
-            connected = wait_for_clients(session, SITES, CONNECT_TIMEOUT)
-            assert set(SITES) <= connected, f"connected: {sorted(connected)}"
+            connected = wait_for_clients(session, (*SITES, MISCONFIGURED), CONNECT_TIMEOUT)
+            assert {*SITES, MISCONFIGURED} <= connected, f"connected: {sorted(connected)}"
             # The marker finds every started process group, so the final "nothing left" check means something.
             assert process_groups(marker) >= {p.pid for p in started}
         print(f"server and clients up in {time.monotonic() - started_at:.1f} s")
@@ -256,44 +264,76 @@ def client_job_logs(kits: Kits, job_id: str) -> dict[str, str]:
     return {site: (kit / job_id / "log.txt").read_text() for site, kit in kits.clients.items()}
 
 
-def run_job(session: Session, job_dir: Path) -> str:
-    """Submit, wait (bounded) until the job ends, and insist that it completed; its id."""
-    job_id = session.submit_job(str(job_dir))
-    outcome = session.monitor_job(job_id, timeout=JOB_TIMEOUT, poll_interval=1.0)
-    status = session.get_job_meta(job_id).get("status")
-    assert outcome == MonitorReturnCode.JOB_FINISHED and status == "FINISHED:COMPLETED", f"job {job_id}: {outcome}, {status}"
-    return job_id
+README = Path(__file__).resolve().parents[2] / "README.md"
+SNIPPET_KIT = Path("deploy/workspace/fedfms/prod_00/admin@fedfms.org")  # the paths the README's FLARE API snippet names
+SNIPPET_JOB = Path("my_jobs/fedunet")
+
+
+def readme_snippet() -> str:
+    """The README's FLARE API snippet, verbatim: the python block that calls new_secure_session."""
+    blocks = [b.split("```", 1)[0] for b in README.read_text().split("```python\n")[1:]]
+    return next(b for b in blocks if "new_secure_session" in b)
+
+
+def run_readme_snippet(kits: Kits, job_dir: Path, folder: Path) -> tuple[str, Path]:
+    """Run the snippet as written, from a folder where its relative paths lead to the kit and the job; the status and result."""
+    (folder / SNIPPET_KIT).parent.mkdir(parents=True)
+    (folder / SNIPPET_KIT).symlink_to(kits.admin)
+    (folder / SNIPPET_JOB).parent.mkdir(parents=True)
+    (folder / SNIPPET_JOB).symlink_to(job_dir)
+    result = subprocess.run([sys.executable, "-c", readme_snippet()], cwd=folder, capture_output=True, text=True, timeout=JOB_TIMEOUT + 60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, downloaded = result.stdout.split()[-2:]
+    return status, Path(downloaded)
+
+
+def test_submit_script_reports_a_bad_job_folder_and_exits(deployment, tmp_path):
+    """The shipped submit script on a folder that is no job: the FLARE API's error, and the process ends (its session closed)."""
+    kits = deployment.kits
+    result = subprocess.run([sys.executable, str(kits.submit_script), str(kits.admin), "no_such_job"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and f"'{tmp_path / 'no_such_job'}' is not a valid folder" in result.stderr, result.stderr[-2000:]
 
 
 def point_sites_at_their_data(kits: Kits, data: Path, job_dir: Path) -> None:
-    """Each hospital's own ``local/fedfms_site.json``; the job's data path then leads nowhere, so the sites must use theirs."""
-    for kit in kits.clients.values():
-        (kit / "local" / SETTINGS_FILE).write_text(json.dumps({"dataset_dir": str(data), "num_threads": 1}))
+    """Each hospital's own ``local/fedfms_site.json``; the job's data path then leads nowhere, so the sites must use theirs.
+
+    The misconfigured hospital names a folder that does not exist."""
+    for site, kit in kits.clients.items():
+        dataset_dir = "/no/such/data/at/HK" if site == MISCONFIGURED else str(data)
+        (kit / "local" / SETTINGS_FILE).write_text(json.dumps({"dataset_dir": dataset_dir, "num_threads": 1}))
     config = job_dir / "app/config/config_fed_client.json"
     config.write_text(config.read_text().replace(str(data), "/no/such/data"))
 
 
 def test_provisioned_project_runs_the_fedunet_job(deployment, deploy_data, tmp_path, capsys):
-    session, kits, started_at = deployment.session, deployment.kits, time.monotonic()
+    kits, started_at = deployment.kits, time.monotonic()
     job_dir = job_copy("fedunet_prostate", tmp_path, deploy_data, rounds=2)
     point_sites_at_their_data(kits, deploy_data, job_dir)
+    missing = f"site {MISCONFIGURED}: no prepared data folder here (dataset_dir, set in {kits.clients[MISCONFIGURED] / 'local' / SETTINGS_FILE})"
     with logs_on_failure(kits):
-        job_id = run_job(session, job_dir)
-        result = Path(session.download_job_result(job_id))
+        status, result = run_readme_snippet(kits, job_dir, tmp_path / "admin")
+        job_id = result.name
+        assert status == "FINISHED:COMPLETED"
         print(f"job {job_id} ran and was downloaded in {time.monotonic() - started_at:.1f} s")
         # The admin's copy: <admin kit>/transfer/<job id>/{job,workspace}; the server app folder is workspace/app_server.
         assert result == kits.admin / "transfer" / job_id
         run = downloaded_run(result, deploy_data, job_dir)
-        check_federated_run(run, rounds=[0, 1], sites=list(SITES))
+        check_federated_run(run, rounds=[0, 1], sites=list(SITES), failed_sites={MISCONFIGURED: missing})
         model = torch.load(run.app / "FL_global_model.pt", weights_only=False)["model"]
         assert all(torch.isfinite(torch.as_tensor(v)).all() for v in model.values())
         rows = json.loads((run.app / "round_metrics.json").read_text())
-        assert {(r["site"], r["data"]) for r in rows} == {(s, s) for s in SITES}  # each hospital trained on its own datalist
+        assert {(r["site"], r["data"]) for r in rows if r["status"] == "accepted"} == {(s, s) for s in SITES}  # each on its own datalist
         assert main(["report", str(result)]) == 0  # `fedfms report` reads the downloaded job folder as it lands
-        assert "2 of 2 sites" in capsys.readouterr().out
+        report = capsys.readouterr().out
+        assert "2 of 3 sites" in report and "NEVER CONTRIBUTED: 1 site(s)" in report
+        assert any(line.startswith(f"  {MISCONFIGURED}: failed in round 1: ") and missing in line for line in report.splitlines())
         client_logs = client_job_logs(kits, job_id)
-        for site, kit in kits.clients.items():
-            assert f"site settings of {site}: dataset_dir={deploy_data}, num_threads=1 (from {kit / 'local' / SETTINGS_FILE})" in client_logs[site]
-        for name, log in {"server": run.log, **client_logs}.items():
+        for site in SITES:
+            settings = kits.clients[site] / "local" / SETTINGS_FILE
+            assert f"site settings of {site}: dataset_dir={deploy_data}, num_threads=1 (from {settings})" in client_logs[site]
+        assert missing in client_logs[MISCONFIGURED]
+        server_log = "\n".join(line for line in run.log.splitlines() if MISCONFIGURED not in line)  # its failures are expected
+        for name, log in {"server": server_log, **{s: client_logs[s] for s in SITES}}.items():
             found = [failure for failure in LOG_FAILURES if failure in log]
             assert not found, f"{name} job log: {found}"

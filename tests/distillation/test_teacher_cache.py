@@ -38,7 +38,7 @@ def test_logits_are_cached_and_reused(proxy_data, tiny_teacher, tmp_path, monkey
     empty = [i for i, present in enumerate(first.foreground) if not present]
     assert (first.logits[empty] == EMPTY_LOGIT).all()  # empty slices get "no object" without running the teacher
     record = json.loads(first.cache_file.with_suffix(".json").read_text())
-    assert record["made_from"]["teacher"]["checkpoint"] == tiny_teacher.checkpoint
+    assert record["checkpoint"] == tiny_teacher.checkpoint and "checkpoint" not in record["made_from"]["teacher"]
     assert len(record["made_from"]["samples"]) == len(samples) and len(record["sources"]) == len(samples)
 
     _forbid_teacher(monkeypatch)
@@ -48,11 +48,16 @@ def test_logits_are_cached_and_reused(proxy_data, tiny_teacher, tmp_path, monkey
 
 
 def test_cache_follows_the_bytes_not_the_paths(proxy_data, tiny_teacher, tmp_path, monkeypatch):
-    teacher_logits(_samples(proxy_data), tiny_teacher, tmp_path / "cache", _quiet)
+    """Data and weights moved elsewhere (another data folder, a reinstall's new checkpoint path) still hit the cache."""
+    first = teacher_logits(_samples(proxy_data), tiny_teacher, tmp_path / "cache", _quiet)
     moved = tmp_path / "moved"
     shutil.copytree(proxy_data, moved)
+    reinstalled = tmp_path / "other_env" / "teacher.pth"
+    reinstalled.parent.mkdir()
+    shutil.copy(tiny_teacher.checkpoint, reinstalled)
     _forbid_teacher(monkeypatch)
-    assert teacher_logits(_samples(moved), tiny_teacher, tmp_path / "cache", _quiet).cache_hit
+    again = teacher_logits(_samples(moved), replace(tiny_teacher, checkpoint=str(reinstalled)), tmp_path / "cache", _quiet)
+    assert again.cache_hit and again.cache_file == first.cache_file
 
 
 @pytest.mark.parametrize("change", ["checkpoint", "box_jitter", "label", "fewer samples"])

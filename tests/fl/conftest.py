@@ -87,8 +87,11 @@ def exchanged_bytes(network, norm_statistics: str = "global") -> int:
     return sum(state[k].numel() * state[k].element_size() for k in keys)
 
 
-def check_federated_run(run, rounds: list[int], sites: list[str], norm_statistics: str = "global") -> torch.nn.Module:
+def check_federated_run(run, rounds: list[int], sites: list[str], norm_statistics: str = "global",
+                        failed_sites: dict[str, str] | None = None) -> torch.nn.Module:
     """What every job must show: exchanged-only change, accepted sample-weighted updates of the right size, test tables.
+
+    ``failed_sites`` maps a site that fails every task to the text its rows must carry (its own error).
 
     ``run`` has the server's app folder (``app``), its log, the data and partition it ran on
     (``data``, ``datalist_dir``) and the job's ``bundle``: a simulated run or a downloaded one;
@@ -108,6 +111,11 @@ def check_federated_run(run, rounds: list[int], sites: list[str], norm_statistic
         assert {w["name"]: w["weight"] for w in aggregation["site_weights"]} == samples
     # Every contribution was recorded and accepted, weighted by its samples, and carried exactly the exchanged bytes.
     rows = [r for r in json.loads((run.app / "round_metrics.json").read_text()) if r["round"] in rounds]
+    failed_sites = failed_sites or {}
+    for site, message in failed_sites.items():
+        failures = [r for r in rows if r["site"] == site]
+        assert [r["round"] for r in failures] == rounds and all(r["status"] == "failed" and message in r["reason"] for r in failures), failures
+    rows = [r for r in rows if r["site"] not in failed_sites]
     assert sorted((r["round"], r["site"]) for r in rows) == sorted((n, s) for n in rounds for s in sites)
     assert all(r["status"] == "accepted" and r["num_train_samples"] == samples[r["site"]] for r in rows)
     size = exchanged_bytes(initial, norm_statistics)

@@ -93,3 +93,18 @@ def test_report_tables_state_their_rules(tmp_path, capsys):
         "site-1                0.5000      0.4000      0.6000      0.7000           -      3.2500",
         "average               0.5000      0.4000      0.6000           -           -           -  1 of 1 sites",
     ]
+
+
+def test_report_names_the_sites_that_never_contributed(tmp_path, capsys):
+    """A site that failed every round is listed plainly, with its own last message; a site that failed once is not."""
+    failed = "site HK: no prepared data folder here (dataset_dir, set in /kit/local/fedfms_site.json)"
+    rows = [*ROWS, *({"round": r, "site": "HK", "accepted": False, "status": "failed", "reason": failed, "bytes_received": 0,
+                     "global_val_dice": None} for r in (0, 1))]
+    rows[0] = {**rows[0], "accepted": False, "status": "timed_out", "reason": "no answer in 60 s"}  # site-1 once, accepted later
+    _write(tmp_path)
+    (tmp_path / "round_metrics.json").write_text(json.dumps(rows))
+    assert main(["report", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("NEVER CONTRIBUTED: 1 site(s) had no update accepted in any round; the model was trained without them")
+    assert lines[start + 1] == f"  HK: failed in round 1: {failed}"
+    assert not any(line.startswith("  site-1:") for line in lines)

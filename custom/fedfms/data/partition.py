@@ -70,9 +70,12 @@ class PartitionOptions:
     alpha: float = 0.5  # Dirichlet concentration for quantity and dirichlet
     proxy_fraction: float = 0.1
     client_prefix: str = "site-"
+    client_names: tuple[str, ...] | None = None  # pooled methods: the clients' names (e.g. the hospitals'), instead of <prefix>1..K
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.client_names is not None:
+            self._check_client_names()
         if self.method not in METHODS:
             raise ValueError(f"unknown partition method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.method == "loso" and not self.unseen_site:
@@ -83,6 +86,19 @@ class PartitionOptions:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if not 0 <= self.proxy_fraction < 1:
             raise ValueError(f"proxy_fraction must be in [0, 1), got {self.proxy_fraction}")
+
+
+    def _check_client_names(self) -> None:
+        names = tuple(self.client_names)
+        if self.method in ("natural", "loso"):
+            raise ValueError(f"client names are the sites' own in a {self.method} partition; --client-names is for quantity, attribute, dirichlet")
+        reserved = sorted(set(names) & {SUMMARY, PROXY, UNSEEN})
+        if reserved:
+            raise ValueError(f"client name {reserved[0]!r} is reserved for a partition file; choose another")
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"client names must be distinct and non-empty, got {', '.join(names)}")
+        self.client_names = names
+        self.num_clients = len(names)
 
 
 @dataclass
@@ -182,7 +198,7 @@ class Partitioner:
             return list(self.sites)
         if o.method == "loso":
             return [s for s in self.sites if s != o.unseen_site]
-        return [f"{o.client_prefix}{i + 1}" for i in range(o.num_clients)]
+        return list(o.client_names) if o.client_names else [f"{o.client_prefix}{i + 1}" for i in range(o.num_clients)]
 
     def owners(self) -> dict[CaseKey, str]:
         """Owner of every case: a client name, ``server_proxy`` or ``unseen``."""

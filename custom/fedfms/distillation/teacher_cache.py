@@ -7,11 +7,12 @@ teacher and the proxy samples. :func:`teacher_logits` therefore stores the logit
 ``teacher_<key>.json`` that says what they were made from:
 
 * the teacher: kind, size, input size, normalisation, box jitter and its seed, the no-object
-  logit, the output size, the checkpoint's path and SHA-256, and the fedfms version;
+  logit, the output size, the checkpoint's SHA-256, and the fedfms version;
 * the samples: the SHA-256 of every image and label file, in order.
 
-The key is a hash of exactly that record, so the same teacher on the same bytes reuses the file
-wherever the data lives, and any change (other weights, another jitter, a relabelled slice, one
+The key is a hash of exactly that record: contents, never paths. The same teacher on the same
+bytes reuses the file wherever the data and the weights live (a reinstall moves the packaged
+checkpoint to another virtual environment), and any change (other weights, another jitter, a relabelled slice, one
 sample more) computes and stores new logits. Slices whose label is empty are never run: the
 teacher's answer for them is the constant no-object logit.
 """
@@ -72,13 +73,12 @@ class TeacherSpec:
         )
 
     def describe(self, output_size: Sequence[int]) -> dict:
-        """This teacher as the cache records it (the checkpoint by content, not by name)."""
-        path = self.checkpoint_path()
+        """This teacher as the cache key sees it: the checkpoint by content, not by path."""
         kind = TEACHER_KINDS[self.kind]
+        settings = {k: v for k, v in asdict(self).items() if k != "checkpoint"}
         return {
-            **asdict(self),
-            "checkpoint": str(path),
-            "checkpoint_sha256": file_sha256(path),
+            **settings,
+            "checkpoint_sha256": file_sha256(self.checkpoint_path()),
             "image_size": self.image_size or kind.image_size,
             "normalisation": kind.normalisation,
             "empty_logit": EMPTY_LOGIT,
@@ -129,7 +129,7 @@ def teacher_logits(
         return TeacherLogits(_expand(cached, foreground, output_size), foreground, cache_file, True, time.perf_counter() - start)
     log(f"running the {spec.kind} teacher on {sum(foreground)} foreground of {len(samples)} proxy slices (cache: {cache_file})")
     computed = _run_teacher(spec.build(output_size), samples, labels, foreground, log)
-    _write(cache_file, made_from, samples, computed)
+    _write(cache_file, made_from, samples, spec.checkpoint_path(), computed)
     return TeacherLogits(_expand(computed, foreground, output_size), foreground, cache_file, False, time.perf_counter() - start)
 
 
@@ -160,7 +160,8 @@ def _read(path: Path, made_from: dict) -> torch.Tensor | None:
     return stored["logits"] if stored.get("made_from") == json.loads(json.dumps(made_from)) else None
 
 
-def _write(path: Path, made_from: dict, samples: Sequence[dict], logits: torch.Tensor) -> None:
+def _write(path: Path, made_from: dict, samples: Sequence[dict], checkpoint: Path, logits: torch.Tensor) -> None:
+    """The logits, and beside them what they were made from (the key's record plus the paths of this run, for people)."""
     atomic_write(path, lambda tmp: torch.save({"made_from": made_from, "logits": logits}, tmp))
     sources = [{"image": str(s["image"]), "label": str(s["label"])} for s in samples]
-    save_json(path.with_suffix(".json"), {"made_from": made_from, "sources": sources, "file": path.name})
+    save_json(path.with_suffix(".json"), {"made_from": made_from, "checkpoint": str(checkpoint), "sources": sources, "file": path.name})

@@ -56,7 +56,7 @@ from fedfms.errors import DataError
 from fedfms.fl.exchange import NORM_STATISTICS
 from fedfms.fl.persistors.trainable import read_resume_model, resume_folder
 from fedfms.fl.aggregators.robust import check_combine
-from fedfms.paths import resolve_path
+from fedfms.paths import find_job
 
 PROFILES = ("cpu_demo", "paper")
 DEMO_CONFIG = "cpu_demo.json"
@@ -379,8 +379,8 @@ def given_options(options: JobOptions) -> dict:
 
 
 def configure_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike, options: JobOptions) -> Path:
-    """Copy ``job_dir`` to ``out_dir`` with ``options`` applied; ``out_dir`` must not exist yet."""
-    source, out = resolve_path(job_dir), Path(out_dir)
+    """Copy ``job_dir`` (a folder, or a shipped job's name) to ``out_dir`` with ``options`` applied; ``out_dir`` must not exist yet."""
+    source, out = find_job(job_dir), Path(out_dir)
     config_dir = Path("app", "config")
     if not all((source / config_dir / name).is_file() for name in CONFIG_FILES):
         raise DataError(source, f"not an NVFlare job folder: {config_dir / CONFIG_FILES[0]} and {CONFIG_FILES[1]} expected")

@@ -78,12 +78,24 @@ def round_table(rows: list[dict]) -> str:
         counts[_status(r)] += 1
     lines.append(f"contributions: {len(rows)} expected: " + ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in STATUS_ORDER))
     lines += [f"  round {r['round']} {r['site']}: {_status(r).replace('_', ' ')}: {r.get('reason')}" for r in rows if _status(r) != "accepted"]
+    lines += never_contributed(rows)
     sent = defaultdict(list)
     for r in rows:
         sent[r["site"]].append(r["bytes_received"])
     lines.append("bytes sent per round: " + ", ".join(f"{s} {max(b):,}" for s, b in sorted(sent.items())))
     lines.append(f"bytes sent in total (all sites, all rounds, each way): {sum(sum(b) for b in sent.values()):,}")
     return "\n".join(lines)
+
+
+def never_contributed(rows: list[dict]) -> list[str]:
+    """One line per site that had tasks but no update accepted in any round, with its last reason."""
+    sites = sorted({r["site"] for r in rows} - {r["site"] for r in rows if _status(r) == "accepted"})
+    if not sites:
+        return []
+    last = {r["site"]: r for r in sorted(rows, key=lambda r: r["round"])}
+    return [f"NEVER CONTRIBUTED: {len(sites)} site(s) had no update accepted in any round; the model was trained without them"] + [
+        f"  {site}: {_status(last[site]).replace('_', ' ')} in round {last[site]['round']}: {last[site].get('reason')}" for site in sites
+    ]
 
 
 def _status(row: dict) -> str:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedfms.errors import DataError  # light: nothing here imports torch before the simulator starts
+from fedfms.paths import find_job
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -277,7 +278,7 @@ def _echo(reader) -> None:
 def simulate(job: str | os.PathLike, workspace: str | os.PathLike, simulator_args: Sequence[str] = (), timeout: float | None = None,
              png: str | os.PathLike | None = None, stream: bool = False) -> int:
     """Run the job in the simulator, print its report and say whether it completed; the exit code (module docstring)."""
-    job = check_job_folder(job)
+    job = check_job_folder(find_job(job))
     workspace = check_workspace(workspace, job)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"--timeout must be a positive number of seconds, not {timeout:g}")

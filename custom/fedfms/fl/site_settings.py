@@ -1,4 +1,4 @@
-"""A participant's own settings: where its data is, and optionally its threads, device and output folder.
+"""A participant's own settings: where its data is, and optionally its threads, device and output folders.
 
 A hospital points a job at its own data without editing the job. Its client reads
 ``local/fedfms_site.json`` in its startup kit (NVFlare's folder for site-local configuration,
@@ -11,11 +11,16 @@ simulated site). Every key is optional; a key that is set replaces the job's val
         "datalist_dir": "partitions/natural",
         "num_threads": 8,
         "device": "cuda:0",
-        "output_dir": "/scratch/fedfms"
+        "output_dir": "/scratch/fedfms",
+        "cache_dir": "/scratch/fedfms_cache"
     }
 
 Relative paths in the file are relative to the file's folder. Outputs (local checkpoints,
 training logs, evaluation tables) go to ``<output_dir>/<job id>`` instead of the job's app folder.
+The server reads the same file in its own kit for the FM-instructed-init pre-stage (its proxy
+set: ``dataset_dir``, ``datalist_dir``; ``num_threads``, ``device``), and ``cache_dir`` is where it
+keeps the teacher's logits (default ``<dataset_dir>/teacher_cache``), so the data folder may be
+read-only.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class SiteSettings:
     num_threads: int | None = None
     device: str | None = None
     output_dir: str | None = None
+    cache_dir: str | None = None
     source: Path | None = None
 
     def describe(self) -> str:
@@ -52,7 +58,7 @@ class SiteSettings:
 
 
 KEYS = tuple(f.name for f in fields(SiteSettings) if f.name != "source")
-PATH_KEYS = ("dataset_dir", "output_dir")
+PATH_KEYS = ("dataset_dir", "output_dir", "cache_dir")
 
 
 def settings_file(site: str, local_dir: str | os.PathLike | None) -> Path | None:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 from fedfms.bundle import bundle_network, bundle_parser
-from fedfms.data.partition import PartitionOptions, partition
+from fedfms.data.partition import PartitionOptions, client_datalists, partition
 from fedfms.data.prepare import PrepareOptions, prepare
 from fedfms.data.synthetic import synthesize_prostate
 from fedfms.fl.executors.learner import site_datalist
+from fedfms.fl.site_settings import SETTINGS_ENV
 from fedfms.models import count_parameters
 from tests.fl.conftest import APP, check_federated_run, job_copy, same_model, simulate
 
@@ -126,10 +128,30 @@ def test_fm_job_on_one_client_process_computes_the_same_model(fm_run, fm_data, t
     assert same_model(workspace / APP / "FL_global_model.pt", fm_run[1] / APP / "FL_global_model.pt")
 
 
-def test_fm_job_on_four_sites_with_two_client_processes(fm_run, fm_data, tmp_path):
-    log, workspace = _run(fm_data, tmp_path, "fm", rounds=2, clients=4, threads=2, datalist_dir=HOSPITALS)
-    assert "student after the fm pre-stage" in log and "teacher logits reused from" in log
-    _check_run(log, workspace, fm_data, rounds=2, sites=4, datalist_dir=HOSPITALS)
+def test_fm_job_on_hospital_named_sites_with_the_servers_own_cache_dir(fm_run, fm_data, tmp_path):
+    """Four hospitals named as deployed (natural partition with a proxy set), two client processes.
+
+    Every participant reads its settings file (`$FEDFMS_SITE_SETTINGS` with `{site}`); the server's
+    puts the teacher cache outside the data folder, and a copy of the module's cache there is
+    found by content (the teacher does not run again)."""
+    hospitals = tuple(client_datalists(fm_data / HOSPITALS))
+    assert len(hospitals) == 4 and not any(h.startswith("site-") for h in hospitals)
+    settings, cache = tmp_path / "settings", tmp_path / "server_cache"
+    settings.mkdir()
+    for site in hospitals:  # each hospital trains on its own datalist of the natural partition
+        (settings / f"{site}.json").write_text(json.dumps({"datalist_dir": HOSPITALS}))
+    (settings / "simulator_server.json").write_text(json.dumps({"cache_dir": str(cache), "datalist_dir": HOSPITALS}))
+    cached = Path(json.loads((fm_run[1] / APP / "prestage.json").read_text())["teacher"]["cache_file"])
+    cache.mkdir()
+    shutil.copy(cached, cache / cached.name)
+    job = job_copy("fminit_prostate", tmp_path, fm_data, 2, prestage_epochs=PRESTAGE_EPOCHS)  # the job's own partition: age
+    log = simulate(job, tmp_path / "ws", hospitals, threads=2, env={SETTINGS_ENV: str(settings / "{site}.json")})
+    assert f"server settings of the pre-stage: datalist_dir={HOSPITALS}, cache_dir={cache} (from {settings / 'simulator_server.json'})" in log
+    assert f"teacher logits reused from {cache / cached.name}" in log and "student after the fm pre-stage" in log
+    record = json.loads((tmp_path / "ws" / APP / "prestage.json").read_text())
+    assert record["proxy"]["datalist"] == str(fm_data / HOSPITALS / "server_proxy.json")
+    run = SimpleNamespace(app=tmp_path / "ws" / APP, log=log, data=fm_data, datalist_dir=HOSPITALS, bundle=STUDENT)
+    check_federated_run(run, rounds=[0, 1], sites=list(hospitals))
 
 
 def test_random_init_runs_no_prestage(fm_data, tmp_path):

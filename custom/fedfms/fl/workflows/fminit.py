@@ -26,6 +26,7 @@ from fedfms.bundle import bundle_parser
 from fedfms.data.partition import PROXY
 from fedfms.distillation import PrestageSettings, TeacherSpec, run_prestage
 from fedfms.errors import DataError
+from fedfms.fl.site_settings import read_site_settings
 from fedfms.io import save_json
 from fedfms.paths import resolve_path
 
@@ -45,6 +46,10 @@ class FMInstructedInit(ModelController):
             ``size``, ``image_size``, ``box_jitter``, ``seed``.
         epochs, learning_rate, alpha, batch_size, seed: the pre-stage's training.
         cache_dir: where the teacher's logits are cached; default ``<dataset_dir>/teacher_cache``.
+
+    The server's own settings file (:mod:`fedfms.fl.site_settings`: ``local/fedfms_site.json`` in
+    its kit, or ``$FEDFMS_SITE_SETTINGS``) replaces ``dataset_dir``, ``datalist_dir`` and
+    ``cache_dir`` and sets its threads and device, as a client's does for its data.
         overrides: further overrides of the student bundle's config.
         file_name: the record written to the server app folder (``prestage.json``).
     """
@@ -95,7 +100,22 @@ class FMInstructedInit(ModelController):
         self.persistor.adopt_initial_model(student, self.fl_ctx)
         self._write(asdict(record))
 
+    def _apply_server_settings(self) -> torch.device:
+        """The server's own settings over the job's; the device the pre-stage runs on."""
+        workspace = self.fl_ctx.get_workspace()
+        settings = read_site_settings(self.fl_ctx.get_identity_name(), workspace.get_site_config_dir() if workspace else None)
+        self.info(f"server settings of the pre-stage: {settings.describe()}")
+        if settings.output_dir:
+            self.warning("output_dir is a client setting; the server writes its records to its app folder")
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        self.dataset_dir = settings.dataset_dir or self.dataset_dir
+        self.datalist_dir = settings.datalist_dir or self.datalist_dir
+        self.cache_dir = settings.cache_dir or self.cache_dir
+        return torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     def _prestage(self):
+        device = self._apply_server_settings()
         data = resolve_path(self.dataset_dir)
         parser = bundle_parser(self.bundle_root, self.config_files, dataset_dir=str(data), datalist_dir=self.datalist_dir, **self.overrides)
         if parser.get_parsed_content("activation") != "sigmoid" or parser.get_parsed_content("num_classes") != 1:
@@ -108,7 +128,7 @@ class FMInstructedInit(ModelController):
             self.settings,
             self.teacher,
             self.cache_dir or data / "teacher_cache",
-            "cuda" if torch.cuda.is_available() else "cpu",
+            device,
             log=self.info,
         )
 
