@@ -76,8 +76,13 @@ def _params(args: argparse.Namespace) -> int:
     from fedfms.models.factory import build_model
     from fedfms.models.checkpoints import load_checkpoint
     from fedfms.models.litemedsam import NATIVE_IMAGE_SIZE, resolve_checkpoint
-    from fedfms.models.strategies import trainable_names
+    from fedfms.models.factory import MODELS
+    from fedfms.models.sam import SAM_SIZES
+    from fedfms.models.strategies import STRATEGIES, trainable_names
 
+    for option, value, known in (("--model", args.model, MODELS), ("--strategy", args.strategy, STRATEGIES), ("--size", args.size, SAM_SIZES)):
+        if value not in known:
+            raise ValueError(f"{option}: unknown {value!r}; expected one of {', '.join(known)}")
     image_size = args.image_size or (NATIVE_IMAGE_SIZE if args.size == "lite" else 1024)
     model = build_model(
         args.model, args.strategy, size=args.size, image_size=image_size, num_classes=args.num_classes,
@@ -272,14 +277,12 @@ def _add_partition(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_params(commands: argparse._SubParsersAction) -> None:
-    from fedfms.models.sam import SAM_SIZES
-    from fedfms.models.factory import MODELS
-    from fedfms.models.strategies import STRATEGIES
-
+    # Names are checked when the command runs: importing the model catalogue here (torch, MONAI)
+    # would make every `fedfms` command, even --help, start 10+ s slower.
     p = commands.add_parser("params", help="parameter counts and bytes per round of a model and strategy")
-    p.add_argument("--model", choices=MODELS, default="sam")
-    p.add_argument("--strategy", choices=list(STRATEGIES), default="full")
-    p.add_argument("--size", choices=list(SAM_SIZES), default="vit_b")
+    p.add_argument("--model", default="sam", help="sam (FedFMS decoder), flapsam, or a U-Net: unet, basicunet, dynunet, smlite (default sam)")
+    p.add_argument("--strategy", default="full", help="full, msa, flap, lora, lora_dec, dec, pdec, attn (default full)")
+    p.add_argument("--size", default="vit_b", help="lite (LiteMedSAM), tiny, small, vit_b, vit_l, vit_h (default vit_b)")
     p.add_argument("--image-size", type=int, help="input size (default: 256 for lite, 1024 for the ViT sizes)")
     p.add_argument("--num-classes", type=int, default=1)
     p.add_argument("--lora-rank", type=int, default=32)
@@ -297,7 +300,6 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_job(commands: argparse._SubParsersAction) -> None:
-    from fedfms.fl.aggregators.robust import COMBINES
 
     p = commands.add_parser("job", help="a configured copy of a job folder: profile, data, rounds, resume")
     p.add_argument("job", help="a job folder, or the name of a job that ships with fedfms, e.g. fedmsa_prostate")
@@ -332,7 +334,7 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     robust.add_argument("--max-change-norm", type=float, help="refuse an update whose change against the global model has a larger L2 norm (default: no bound)")
     robust.add_argument("--max-change-ratio", type=float, help="refuse an update whose change norm is more than this times the median of the other sites' (default 10)")
     robust.add_argument("--clip-norm", type=float, help="scale each accepted change down to this L2 norm")
-    robust.add_argument("--aggregation", choices=COMBINES, help="mean (FedAvg, weighted), or the robust coordinate-wise median or trimmed_mean (unweighted; on the LoRA products in a LoRA-SVD job)")
+    robust.add_argument("--aggregation", help="mean (FedAvg, weighted), or the robust coordinate-wise median or trimmed_mean (unweighted; on the LoRA products in a LoRA-SVD job)")
     robust.add_argument("--trim-fraction", type=float, help="trimmed_mean: share of values dropped at each end per coordinate (default 0.2)")
     p.set_defaults(run=_job)
 

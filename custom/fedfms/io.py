@@ -9,14 +9,17 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from monai.data import ITKReader, MetaTensor, NibabelReader
-from monai.transforms import LoadImage
 
 from fedfms.errors import DataError
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
+
+# torch and MONAI are imported where they are used: this module serves light commands too
+# (`fedfms report`, `synth`, `simulate`), which would otherwise start 10+ s slower.
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -36,7 +39,7 @@ def strip_volume_suffix(path: str | os.PathLike) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
-def load_volume(path: str | os.PathLike) -> MetaTensor:
+def load_volume(path: str | os.PathLike) -> "MetaTensor":
     """Load one volume as a float32 MetaTensor (no channel added): NIfTI through nibabel, MetaImage/NRRD through ITK.
 
     Raises:
@@ -48,6 +51,9 @@ def load_volume(path: str | os.PathLike) -> MetaTensor:
         raise DataError(path, "file not found")
     if suffix is None:
         raise DataError(path, f"unknown volume format; expected one of {', '.join(VOLUME_SUFFIXES)}")
+    from monai.data import ITKReader, NibabelReader
+    from monai.transforms import LoadImage
+
     reader = NibabelReader() if suffix in NIFTI_SUFFIXES else ITKReader()
     try:
         return LoadImage(reader=reader, image_only=True, dtype=np.float32)(path)
@@ -121,6 +127,8 @@ def load_torch_file(path: str | os.PathLike, missing: str, what: str, weights_on
     if not path.is_file():
         raise DataError(path, missing)
     try:
+        import torch
+
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:  # pickle, zip and torch errors all mean an unreadable file
         raise DataError(path, f"cannot be read as {what} ({type(err).__name__}: {err})") from err

@@ -62,16 +62,6 @@ def fl_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def four_site_data(tmp_path_factory) -> Path:
-    """Four hospitals of four small cases, prepared at 64 px; one partition by site, each keeping a proxy case for the server."""
-    root = tmp_path_factory.mktemp("four_sites")
-    synthesize_prostate(root / "raw", sites=4, cases_per_site=4, seed=11, shape=(32, 32, 8))
-    prepare(root / "raw", root / "data", PrepareOptions(image_size=64, label_size=64), log=lambda _: None)
-    partition(root / "data", root / "data" / "partitions" / "natural", PartitionOptions(method="natural", proxy_fraction=0.5))
-    return root / "data"
-
-
 def same_model(first: Path, second: Path) -> bool:
     """Two saved global models hold exactly the same values."""
     a, b = (torch.load(path, weights_only=False)["model"] for path in (first, second))

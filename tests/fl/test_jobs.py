@@ -112,11 +112,6 @@ def test_fedmsa_job_on_one_client_process_computes_the_same_model(fedmsa_run, fl
     assert same_model(run.app / "FL_global_model.pt", fedmsa_run.app / "FL_global_model.pt")
 
 
-def test_fedmsa_job_on_four_sites_with_two_client_processes(four_site_data, tmp_path):
-    run = _run("fedmsa_prostate", four_site_data.parent, tmp_path, rounds=2, clients=4, data=four_site_data.name, threads=2, **TINY)
-    check_federated_run(run, rounds=[0, 1], sites=[f"site-{n}" for n in range(1, 5)])
-
-
 def test_flapsam_job_aggregates_lora_by_svd(fl_data, tmp_path):
     """On a tiny SAM from random weights (its 18 LoRA layers; LiteMedSAM's are tested in tests/models)."""
     run = _run("flapsam_prostate", fl_data, tmp_path, rounds=1, data="data_stack5", size="tiny", pretrained=False)
