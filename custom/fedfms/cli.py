@@ -327,6 +327,9 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the run: initial weights, each site's data order and augmentation (default 0)")
     p.add_argument("--override", dest="overrides", action="append", type=_bundle_override, metavar="KEY=VALUE",
                    help="any other bundle key for every network and learner of the job, VALUE as JSON (e.g. learning_rate=1e-4, train#samples_per_epoch=32)")
+    lora = p.add_argument_group("FLAP-SAM's ranks")
+    lora.add_argument("--lora-rank", type=int, help="LoRA strategies (flap, lora, lora_dec): the rank r of every LoRA layer (default 32; FLAP-SAM Table 2: 4-64)")
+    lora.add_argument("--svd-rank", type=int, help="LoRA-SVD aggregation: rank of the re-factorised averaged products (default: the LoRA rank)")
     robust = p.add_argument_group("silent and hostile sites")
     robust.add_argument("--wait-after-min-received", type=int, metavar="SECONDS",
                         help="seconds the other sites get once min_clients have answered: what a hung site costs per round (jobs: 60; paper profile: 3600)")

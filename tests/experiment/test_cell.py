@@ -18,8 +18,8 @@ def app_folder(tmp_path, status="completed", final=True, reason=""):
     app.mkdir()
     (app / "run_status.json").write_text(json.dumps({"status": status, "reason": reason}))
     rows = [
-        {"round": 0, "site": "A", "status": "accepted", "bytes_received": 100, "global_val_dice": 0.2},
-        {"round": 0, "site": "B", "status": "accepted", "bytes_received": 100, "global_val_dice": 0.4},
+        {"round": 0, "site": "A", "status": "accepted", "bytes_received": 100, "global_val_dice": 0.2, "wire_bytes_down": 130, "wire_bytes_up": 120},
+        {"round": 0, "site": "B", "status": "accepted", "bytes_received": 100, "global_val_dice": 0.4, "wire_bytes_down": 130, "wire_bytes_up": 124},
         {"round": 1, "site": "A", "status": "accepted", "bytes_received": 100, "global_val_dice": 0.6},
         {"round": 1, "site": "B", "status": "rejected", "bytes_received": 300, "global_val_dice": 0.8},
         {"round": 2, "site": "A", "status": "timed_out", "bytes_received": 0, "global_val_dice": None},
@@ -38,6 +38,7 @@ def test_round_records(tmp_path):
     assert records["rounds"] == [{"round": 0, "mean_global_val_dice": pytest.approx(0.3), "sites": 2},
                                  {"round": 1, "mean_global_val_dice": pytest.approx(0.7), "sites": 2}]
     assert records["bytes_per_round"] == 100  # accepted contributions only
+    assert records["wire_bytes_up_per_round"] == 122 and records["wire_bytes_down_per_round"] == 130  # measured where a row has it
     assert records["bytes_total"] == 600 and records["contributions"] == {"accepted": 3, "rejected": 1, "timed_out": 1}
 
 

@@ -108,6 +108,7 @@ methods:
     assert fedfms["rules"][0].startswith("dice_2d: 2D Dice per test slice") and "empty-slice rule" in fedfms["rules"][0]
     [flap] = tables["flapsam_table1"]["rows"]
     assert flap["method"] == "FLAP-SAM-PT" and flap["bytes_per_round"] == federated["bytes_per_round"]
+    assert 0 < flap["wire_bytes_up_per_round"] - flap["bytes_per_round"] < 65536  # measured on the wire: the tensors plus FOBS framing
     assert all(_finite(flap[c]) for c in ("local_dice_3d", "centralized_dice_3d", "federated_dice_3d", "trainable", "total", "bytes_per_round"))
     assert flap["local_dice_3d"] == pytest.approx(results["flapsam_pt-local"]["average"]["dice_3d"])
     for png in ("dice_per_round.png", "dice_vs_bytes.png", "qualitative_BMC.png", "qualitative_RUNMC.png"):

@@ -53,7 +53,7 @@ def flapsam_results() -> list[dict]:
     full = {"parameters": {"trainable": 9000, "total": 10000}}
     flap = {"parameters": {"trainable": 1000, "total": 10500}}
     return [
-        result("flapsam", "federated", SITES, model="flapsam", strategy="flap", bytes_per_round=1000.0, **flap),
+        result("flapsam", "federated", SITES, model="flapsam", strategy="flap", bytes_per_round=1000.0, wire_bytes_up_per_round=1100.0, **flap),
         result("flapsam", "local", {"A": metrics(0.2, 0.3), "B": metrics(0.2, 0.5)}, model="flapsam", strategy="flap", **flap),
         result("flapsam_full", "local", SITES, model="flapsam", **full),
         result("flapsam_full", "centralized", {"A": metrics(0.5, 0.6)}, model="flapsam", **full),
@@ -66,16 +66,17 @@ def flapsam_results() -> list[dict]:
 def test_flapsam_table_settings_parameters_and_bytes():
     table = flapsam_table(flapsam_results())
     assert table.columns == ["method", "strategy", "local_dice_3d", "centralized_dice_3d", "federated_dice_3d", "trainable", "total",
-                             "bytes_per_round", "times_fewer_bytes_than_fullft"]
+                             "bytes_per_round", "wire_bytes_up_per_round", "times_fewer_bytes_than_fullft"]
     assert csv_text(table) == (
-        "method,strategy,local_dice_3d,centralized_dice_3d,federated_dice_3d,trainable,total,bytes_per_round,times_fewer_bytes_than_fullft\n"
-        "FullFT,full,0.7,0.6,0.7,9000,10000,4000.0,1.0\n"
-        "PDecFT-PT,pdec,0.7,,,10,20,,\n"
-        "FLAP-SAM,flap,0.4,,0.7,1000,10500,1000.0,4.0\n"
+        "method,strategy,local_dice_3d,centralized_dice_3d,federated_dice_3d,trainable,total,bytes_per_round,wire_bytes_up_per_round,"
+        "times_fewer_bytes_than_fullft\n"
+        "FullFT,full,0.7,0.6,0.7,9000,10000,4000.0,,1.0\n"
+        "PDecFT-PT,pdec,0.7,,,10,20,,,\n"
+        "FLAP-SAM,flap,0.4,,0.7,1000,10500,1000.0,1100.0,4.0\n"
     )
     text = markdown(table)
-    assert "| FLAP-SAM | flap | 0.4000 | - | 0.7000 | 1,000 | 10,500 | 1,000 | 4.0x |" in text
-    assert "dice_3d: 3D Dice per test volume" in text and "bytes per round: mean size of one site's accepted update" in text
+    assert "| FLAP-SAM | flap | 0.4000 | - | 0.7000 | 1,000 | 10,500 | 1,000 | 1,100 | 4.0x |" in text
+    assert "dice_3d: 3D Dice per test volume" in text and "bytes per round: mean tensor bytes of one site's accepted update" in text and "wire bytes up: the same update as NVFlare serialised it" in text
 
 
 def test_flapsam_table_without_fullft_has_no_ratio():

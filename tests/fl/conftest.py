@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 NVFLARE = Path(sys.executable).with_name("nvflare")
 LOG_FAILURES = ("cannot find handler", "Error getting task", "Unsuccessful callback", "FOBS protocol error", "Could not start", "failed to download", "Traceback", "Empty result from client", "accepted=False")
 APP = Path("server/simulate_job/app_server")
+WIRE_OVERHEAD, WIRE_OVERHEAD_PER_TENSOR = 16_384, 512  # bytes FOBS and the Shareable's headers may add to the raw tensors
 
 
 def job_copy(job: str, tmp_path: Path, dataset_dir: Path, rounds: int, **options) -> Path:
@@ -110,6 +111,10 @@ def check_federated_run(run, rounds: list[int], sites: list[str], norm_statistic
     assert all(r["status"] == "accepted" and r["num_train_samples"] == samples[r["site"]] for r in rows)
     size = exchanged_bytes(initial, norm_statistics)
     assert {r["bytes_received"] for r in rows} == {size}
+    # Measured on the wire (FOBS-serialised, at the site): the payload plus framing, each way (uncompressed runs).
+    tensors = len(travelling)
+    assert all(0 < r["wire_bytes_up"] - size < WIRE_OVERHEAD_PER_TENSOR * tensors + WIRE_OVERHEAD for r in rows), rows
+    assert all(0 < r["wire_bytes_down"] - size < WIRE_OVERHEAD_PER_TENSOR * tensors + WIRE_OVERHEAD for r in rows), rows
     assert all(0 <= r["global_val_dice"] <= 1 for r in rows)
     assert all(f"round {n} {site}: accepted=True, status=accepted, {size:,} bytes" in run.log for n in rounds for site in sites)
     assert json.loads((run.app / "run_status.json").read_text())["status"] == "completed"

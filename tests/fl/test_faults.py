@@ -21,6 +21,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 
 from fedfms.bundle import bundle_network
 from fedfms.cli import main
+from fedfms.fl.job_config import add_result_filters
 from tests.fl.conftest import APP, NVFLARE, REPO, job_copy, simulate
 
 pytestmark = pytest.mark.slow
@@ -51,9 +52,7 @@ def drill_job(tmp_path: Path, data: Path, faults: list[dict], rounds: int, min_c
     learner = client["components"][0]
     learner["path"] = "fedfms.fl.drills.FaultInjectingLearner"
     learner["args"]["faults"] = faults
-    client["task_result_filters"] = [
-        {"tasks": ["train"], "filters": [{"path": "fedfms.fl.drills.OutgoingUpdateRecorder", "args": {"folder": str(tmp_path / "sent")}}]}
-    ]
+    add_result_filters(client, [{"path": "fedfms.fl.drills.OutgoingUpdateRecorder", "args": {"folder": str(tmp_path / "sent")}}])
     config.write_text(json.dumps(client, indent=2))
     return job
 

@@ -191,8 +191,8 @@ def test_privacy_options_configure_nvflare_filters_and_the_server_checks(tmp_pat
     out = configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "private", JobOptions(exclude_vars="^head\\.", percentile_privacy=20, norm_statistics="local"))
     client, server = _configs(out)
     filters = client["task_result_filters"][0]
-    assert filters["tasks"] == ["train"]
-    assert [f["path"].rsplit(".", 1)[1] for f in filters["filters"]] == ["ExcludeVars", "PercentilePrivacy"]
+    assert filters["tasks"] == ["train"] and len(client["task_result_filters"]) == 1  # NVFlare takes one chain per task
+    assert [f["path"].rsplit(".", 1)[1] for f in filters["filters"]] == ["ExcludeVars", "PercentilePrivacy", "WireBytes"]  # measured as it leaves
     assert filters["filters"][1]["args"] == {"percentile": 20, "gamma": 0.01, "data_kinds": ["WEIGHT_DIFF"]}
     learner = bundle_args(client)[0]
     assert learner["send_weight_diff"] is True and learner["norm_statistics"] == "local"
@@ -215,6 +215,9 @@ def test_every_shipped_job_checks_updates_and_bounds_its_tasks(job):
     waits = [w["args"]["wait_time_after_min_received"] for w in server["workflows"] if w["path"].endswith(("ResumableFedAvg", "FinalEvaluation"))]
     assert waits == [60, 60]  # a silent site costs a minute per round, not the task timeout
     assert client["executors"][0]["executor"]["path"] == "fedfms.fl.executors.reporting.ReportingLearnerExecutor"
+    wire = "fedfms.fl.filters.wire.WireBytes"  # the payload measured as it arrives and as it leaves
+    assert client["task_data_filters"] == [{"tasks": ["train"], "filters": [{"path": wire, "args": {"direction": "down"}}]}]
+    assert client["task_result_filters"] == [{"tasks": ["train"], "filters": [{"path": wire, "args": {"direction": "up"}}]}]
 
 
 def _dotted_paths(node) -> list[str]:
@@ -373,3 +376,36 @@ def test_override_sets_any_bundle_key_for_every_network_and_learner(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["job", str(REPO / "jobs/fedunet_prostate"), "--out", str(tmp_path / "bad"), "--override", "learning_rate"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_lora_and_svd_ranks_reach_every_network_and_the_aggregator(tmp_path):
+    """FLAP-SAM's two ranks (Table 2): r of every LoRA layer at the sites and the server, and the SVD's on the server."""
+    out = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "r8", JobOptions(lora_rank=8, svd_rank=4, size="tiny", pretrained=False))
+    client, server = _configs(out)
+    assert bundle_args(client)[0]["overrides"]["network_def#lora_rank"] == 8
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]["args"]
+    assert persistor["network_def#lora_rank"] == 8
+    fedavg = next(w["args"] for w in server["workflows"] if w["path"].endswith("ResumableFedAvg"))
+    assert fedavg["aggregator"]["args"]["rank"] == 4
+    network = bundle_network(**persistor)
+    lora = {k: tuple(v.shape) for k, v in network.state_dict().items() if "lora_a" in k.lower() or "lora_b" in k.lower()}
+    assert lora and all(8 in shape for shape in lora.values())  # every LoRA factor has r = 8 on one side
+    assert json.loads((out / "meta.json").read_text())["fedfms_job_options"]["lora_rank"] == 8
+
+
+@pytest.mark.parametrize("job, options, error", [
+    ("fedmsa_prostate", {"lora_rank": 8}, "--lora-rank applies to the LoRA strategies"),
+    ("fedmsa_prostate", {"svd_rank": 4}, "--svd-rank applies to a job with LoRA-SVD aggregation"),
+    ("flapsam_prostate", {"strategy": "dec", "svd_rank": 4}, "--svd-rank applies to a job with LoRA-SVD aggregation"),
+    ("flapsam_prostate", {"lora_rank": 4, "svd_rank": 8}, "svd_rank 8 exceeds lora_rank 4"),
+    ("flapsam_prostate", {"lora_rank": 0}, "lora_rank must be >= 1"),
+])
+def test_rank_options_are_refused_where_they_cannot_apply(job, options, error, tmp_path):
+    with pytest.raises(ValueError, match=error):
+        configure_job(REPO / "jobs" / job, tmp_path / "x", JobOptions(**options))
+    assert not (tmp_path / "x").exists()
+
+
+def test_rank_flags_of_the_job_command(tmp_path):
+    assert main(["job", "flapsam_prostate", "--out", str(tmp_path / "r16"), "--lora-rank", "16", "--svd-rank", "8"]) == 0
+    assert json.loads((tmp_path / "r16/meta.json").read_text())["fedfms_job_options"] == {"lora_rank": 16, "svd_rank": 8}

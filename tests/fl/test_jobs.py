@@ -14,6 +14,7 @@ from fedfms.bundle import evaluate_checkpoint
 from fedfms.cli import main
 from fedfms.errors import DataError
 from fedfms.fl.executors.learner import site_datalist
+from fedfms.fl.job_config import add_result_filters
 from fedfms.fl.site_settings import SETTINGS_ENV
 from tests.fl.conftest import APP, check_federated_run, exchanged, job_copy, same_model, simulate
 
@@ -66,7 +67,7 @@ def _record_outgoing(job_dir: Path, folder: Path) -> None:
     config = job_dir / "app/config/config_fed_client.json"
     client = json.loads(config.read_text())
     recorder = {"path": "fedfms.fl.drills.OutgoingUpdateRecorder", "args": {"folder": str(folder)}}
-    client.setdefault("task_result_filters", []).append({"tasks": ["train"], "filters": [recorder]})
+    add_result_filters(client, [recorder])  # joins the train chain (NVFlare takes one per task), before the wire-size filter
     config.write_text(json.dumps(client))
 
 

@@ -240,7 +240,10 @@ def round_records(app: Path) -> dict:
     for r in rows:
         if r.get("global_val_dice") is not None:
             dice[r["round"]].append(r["global_val_dice"])
-    accepted = [r["bytes_received"] for r in rows if (r.get("status") or ("accepted" if r.get("accepted") else "rejected")) == "accepted"]
+    accepted_rows = [r for r in rows if (r.get("status") or ("accepted" if r.get("accepted") else "rejected")) == "accepted"]
+    accepted = [r["bytes_received"] for r in accepted_rows]
+    wire_up = [r["wire_bytes_up"] for r in accepted_rows if r.get("wire_bytes_up") is not None]
+    wire_down = [r["wire_bytes_down"] for r in accepted_rows if r.get("wire_bytes_down") is not None]
     statuses: dict[str, int] = defaultdict(int)
     for r in rows:
         statuses[r.get("status") or ("accepted" if r.get("accepted") else "rejected")] += 1
@@ -248,6 +251,8 @@ def round_records(app: Path) -> dict:
         "rounds": [{"round": n, "mean_global_val_dice": fmean(v), "sites": len(v)} for n, v in sorted(dice.items())],
         "bytes_per_round": fmean(accepted) if accepted else None,
         "bytes_total": sum(r["bytes_received"] for r in rows),
+        "wire_bytes_up_per_round": fmean(wire_up) if wire_up else None,  # measured: the update as serialised by the site
+        "wire_bytes_down_per_round": fmean(wire_down) if wire_down else None,  # measured: the global model as it arrived
         "contributions": dict(statuses),
         "run_status": load_json(app / "run_status.json"),
     }

@@ -42,7 +42,10 @@ METRIC_RULES = {
 }
 AVERAGE_RULE = "average: unweighted mean over the test sites where the metric is defined"
 SETTING_RULE = "local: each site's own model on its own test split; centralized: one model trained on the training sites pooled; federated: the final global model"
-BYTES_RULE = "bytes per round: mean size of one site's accepted update per round as the server received it (round_metrics.json)"
+BYTES_RULE = (
+    "bytes per round: mean tensor bytes of one site's accepted update per round as the server received it (round_metrics.json); "
+    "wire bytes up: the same update as NVFlare serialised it, measured at the site (fedfms.fl.filters.wire)"
+)
 PARAMS_RULE = "parameters: trainable and total of the method's network (fedfms.models.count_parameters)"
 VALIDATION_RULE = "validation Dice: MONAI MeanDice over the validation slices with organ (empty-label slices ignored), the global model scored at each site before local training; r0 = the initial model"
 FEDFMS_ROWS = ("FedSAM", "FedMSA", "SAM", "MSA", "FedSAM-PT", "FedMSA-PT", "SAM-PT", "MSA-PT", "FedU-Net", "FednnU-Net")
@@ -155,14 +158,17 @@ def flapsam_table(results: Sequence[dict], metric: str = "dice_3d") -> Table:
         row = {"method": labels[method], "strategy": any_cell["cell"]["strategy"]}
         row.update({f"{s}_{metric}": settings[s]["average"].get(metric) if s in settings else None for s in FLAPSAM_SETTINGS})
         federated = settings.get("federated") or {}
-        row.update({"trainable": params.get("trainable"), "total": params.get("total"), "bytes_per_round": federated.get("bytes_per_round")})
+        row.update({"trainable": params.get("trainable"), "total": params.get("total"), "bytes_per_round": federated.get("bytes_per_round"),
+                    "wire_bytes_up_per_round": federated.get("wire_bytes_up_per_round")})
         rows.append(row)
     reference = next((r["bytes_per_round"] for r in rows if r["strategy"] == "full" and r["method"] == "FullFT"), None)
     reference = reference or next((r["bytes_per_round"] for r in rows if r["strategy"] == "full"), None)
     for row in rows:
         row["times_fewer_bytes_than_fullft"] = reference / row["bytes_per_round"] if _number(reference) and _number(row["bytes_per_round"]) else None
-    columns = ["method", "strategy", *(f"{s}_{metric}" for s in FLAPSAM_SETTINGS), "trainable", "total", "bytes_per_round", "times_fewer_bytes_than_fullft"]
-    formats = {**{f"{s}_{metric}": _dice for s in FLAPSAM_SETTINGS}, "trainable": _count, "total": _count, "bytes_per_round": _count, "times_fewer_bytes_than_fullft": _times}
+    columns = ["method", "strategy", *(f"{s}_{metric}" for s in FLAPSAM_SETTINGS), "trainable", "total", "bytes_per_round", "wire_bytes_up_per_round",
+               "times_fewer_bytes_than_fullft"]
+    formats = {**{f"{s}_{metric}": _dice for s in FLAPSAM_SETTINGS}, "trainable": _count, "total": _count, "bytes_per_round": _count,
+               "wire_bytes_up_per_round": _count, "times_fewer_bytes_than_fullft": _times}
     rules = [f"{metric}: {METRIC_RULES[metric]}; each column the {AVERAGE_RULE.split(': ', 1)[1]}", SETTING_RULE, PARAMS_RULE, BYTES_RULE,
              "times fewer bytes than FullFT: FullFT's bytes per round / the method's"]
     return Table("flapsam_table1", f"FLAP-SAM Table 1 layout: {metric} per setting, parameters and communication", rules, columns, rows, formats)

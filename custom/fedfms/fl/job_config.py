@@ -68,7 +68,9 @@ PAPER_TASK_TIMEOUT = 6 * 3600  # seconds a round's task may take at paper size (
 PAPER_WAIT_AFTER_MIN = 3600  # at paper size sites' epochs differ by far more than the demo's 60 s
 ROBUST_AGGREGATOR = "fedfms.fl.aggregators.robust.RobustAggregator"
 LORA_SVD = "LoRASVDAggregator"
+LORA_RANK_KEY = "network_def#lora_rank"  # the bundle's network builder takes the LoRA rank as this key
 RESUMING_COMPONENTS = ("persistor", "contributions", "model_selector")  # what a resumed run carries over
+WIRE_BYTES = "fedfms.fl.filters.wire.WireBytes"  # measures the serialised payload; last in the result chain
 EXCLUDE_VARS = "nvflare.app_common.filters.exclude_vars.ExcludeVars"
 PERCENTILE_PRIVACY = "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy"
 
@@ -104,6 +106,8 @@ class JobOptions:
     clip_norm: float | None = None  # scale each accepted change down to this L2 norm
     aggregation: str | None = None  # mean (FedAvg), median or trimmed_mean
     trim_fraction: float | None = None  # trimmed_mean: share dropped at each end per coordinate (default 0.2)
+    lora_rank: int | None = None  # LoRA strategies (flap, lora, lora_dec): rank r of every LoRA layer (FLAP-SAM Table 2: 4-64)
+    svd_rank: int | None = None  # LoRA-SVD aggregation: rank of the re-factorised averaged products (default: the LoRA rank)
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
@@ -144,6 +148,12 @@ class JobOptions:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.max_change_ratio is not None and not self.max_change_ratio >= 1:
             raise ValueError(f"max_change_ratio must be at least 1, got {self.max_change_ratio}")
+        for name in ("lora_rank", "svd_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.lora_rank is not None and self.svd_rank is not None and self.svd_rank > self.lora_rank:
+            raise ValueError(f"svd_rank {self.svd_rank} exceeds lora_rank {self.lora_rank}: the re-factorised layer has only r = lora_rank columns")
         if self.aggregation is not None or self.trim_fraction is not None:
             check_combine(self.aggregation or "trimmed_mean", 0.2 if self.trim_fraction is None else self.trim_fraction)
 
@@ -185,7 +195,7 @@ def _set_profile(args: dict, options: JobOptions) -> None:
 
 def _network_overrides(options: JobOptions) -> dict:
     """The bundle keys that choose a SAM job's network."""
-    overrides = {"strategy": options.strategy, "size": options.size, "image_size": options.image_size}
+    overrides = {"strategy": options.strategy, "size": options.size, "image_size": options.image_size, LORA_RANK_KEY: options.lora_rank}
     if options.pretrained_checkpoint:
         overrides["pretrained_checkpoint"] = str(Path(options.pretrained_checkpoint).resolve())
     if not options.pretrained:
@@ -239,8 +249,7 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
             check_partition(args["dataset_dir"], args["datalist_dir"])
     _set_prestage(server, options)
     fedavg = _workflow(server, "FedAvg")
-    if options.strategy and get_strategy(options.strategy).needs != "lora":
-        fedavg.pop("aggregator", None)  # LoRA-SVD aggregation has no LoRA to re-factorise: FedAvg's own weighted mean
+    _set_lora(learner, fedavg, options)
     paper = options.profile == "paper"
     if options.num_rounds or paper:
         fedavg["num_rounds"] = options.num_rounds or PAPER_ROUNDS
@@ -293,6 +302,27 @@ def check_resume(server: dict, resume_from: str) -> None:
         problems += [f"{len(extra)} keys this job's network does not have, e.g. {extra[0]}"] if extra else []
         problems += [f"{len(shapes)} shapes differ, e.g. {shapes[0]}"] if shapes else []
         raise DataError(resume_from, f"holds a global model of another network ({'; '.join(problems)}); resume a run of the same job and model options")
+
+
+def _set_lora(learner: dict, fedavg: dict, options: JobOptions) -> None:
+    """The strategy's aggregation, and FLAP-SAM's two ranks: LoRA's r at the sites, the SVD's on the server."""
+    strategy = options.strategy or _bundle_strategy(learner)
+    uses_lora = get_strategy(strategy).needs == "lora"
+    if not uses_lora:
+        fedavg.pop("aggregator", None)  # LoRA-SVD aggregation has no LoRA to re-factorise: FedAvg's own weighted mean
+    if options.lora_rank is not None and not uses_lora:
+        raise ValueError(f"--lora-rank applies to the LoRA strategies (flap, lora, lora_dec); this job's strategy is {strategy}")
+    if options.svd_rank is None:
+        return
+    aggregator = fedavg.get("aggregator")
+    if not (aggregator and aggregator["path"].endswith(LORA_SVD)):
+        raise ValueError("--svd-rank applies to a job with LoRA-SVD aggregation (flapsam_prostate with a LoRA strategy); this job has none")
+    aggregator["args"]["rank"] = options.svd_rank
+
+
+def _bundle_strategy(learner: dict) -> str:
+    """The strategy the learner's bundle trains with: its override, else the bundle's own."""
+    return learner.get("overrides", {}).get("strategy") or read_method(bundle_dir(learner["bundle_root"])).get("strategy", "full")
 
 
 def _set_robustness(server: dict, fedavg: dict, options: JobOptions) -> None:
@@ -365,7 +395,22 @@ def _set_privacy(client: dict, server: dict, learner: dict, options: JobOptions)
         filters.append({"path": PERCENTILE_PRIVACY, "args": percentile})
         learner["send_weight_diff"] = True
     if filters:
-        client.setdefault("task_result_filters", []).append({"tasks": ["train"], "filters": filters})
+        add_result_filters(client, filters)
+
+
+def add_result_filters(client: dict, filters: list[dict]) -> None:
+    """Append ``filters`` to the train task's result chain, before the wire-size filter (it measures what leaves).
+
+    NVFlare allows one filter chain per task and direction, so every filter of ``train`` joins one list.
+    """
+    chains = client.setdefault("task_result_filters", [])
+    chain = next((c for c in chains if "train" in c["tasks"]), None)
+    if chain is None:
+        chains.append({"tasks": ["train"], "filters": list(filters)})
+        return
+    wire = [i for i, f in enumerate(chain["filters"]) if f["path"] == WIRE_BYTES]
+    at = wire[0] if wire else len(chain["filters"])
+    chain["filters"][at:at] = filters
 
 
 def _component(config: dict, component_id: str) -> dict:

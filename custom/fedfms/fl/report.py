@@ -84,7 +84,22 @@ def round_table(rows: list[dict]) -> str:
         sent[r["site"]].append(r["bytes_received"])
     lines.append("bytes sent per round: " + ", ".join(f"{s} {max(b):,}" for s, b in sorted(sent.items())))
     lines.append(f"bytes sent in total (all sites, all rounds, each way): {sum(sum(b) for b in sent.values()):,}")
+    lines += wire_lines(rows)
     return "\n".join(lines)
+
+
+def wire_lines(rows: list[dict]) -> list[str]:
+    """The payload each site measured on the wire (serialised by NVFlare's FOBS), largest per round, each way."""
+    measured = [r for r in rows if r.get("wire_bytes_up") is not None]
+    if not measured:
+        return []
+    largest: dict[str, tuple[int, int]] = {}
+    for r in measured:
+        down, up = largest.get(r["site"], (0, 0))
+        largest[r["site"]] = (max(down, r.get("wire_bytes_down") or 0), max(up, r["wire_bytes_up"]))
+    return ["on the wire per round, as serialised (down to the site / up from it): " + ", ".join(
+        f"{site} {down:,} / {up:,}" for site, (down, up) in sorted(largest.items())
+    )]
 
 
 def never_contributed(rows: list[dict]) -> list[str]:

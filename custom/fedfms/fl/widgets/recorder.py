@@ -40,7 +40,7 @@ from fedfms.paths import resolve_path
 
 COLUMNS = (
     "round", "site", "status", "reason", "data", "accepted", "num_train_samples", "weight", "change_norm",
-    "bytes_received", "global_val_dice", "local_val_dice",
+    "bytes_received", "wire_bytes_down", "wire_bytes_up", "global_val_dice", "local_val_dice",
 )
 STATUSES = ("accepted", "rejected", "failed", "timed_out", "lost", "late")
 RUN_STATUS = "run_status"
@@ -92,7 +92,7 @@ class ContributionRecorder(FLComponent):
 
     def record(
         self, fl_ctx: FLContext, round_: int, site: str, status: str, reason: str | None = None, update: FLModel | None = None,
-        weight: float | None = None, change_norm: float | None = None,
+        weight: float | None = None, change_norm: float | None = None, wire_bytes_down: int | None = None, wire_bytes_up: int | None = None,
     ) -> dict:
         """Append the row of ``site``'s contribution to ``round_`` and rewrite the tables."""
         if status not in STATUSES:
@@ -109,6 +109,8 @@ class ContributionRecorder(FLComponent):
             "weight": _number(weight),
             "change_norm": _number(change_norm),
             "bytes_received": payload_bytes(update.params) if update is not None else 0,
+            "wire_bytes_down": wire_bytes_down,  # the global model as serialised to the site (fedfms.fl.filters.wire)
+            "wire_bytes_up": wire_bytes_up,  # the update as serialised by the site, after its filters
             "global_val_dice": _number(metrics.get("val_mean_dice")),  # the received global model, scored before training
             "local_val_dice": _number(meta.get("local_val_dice")),
         }

@@ -52,6 +52,7 @@ from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
 from fedfms.fl.executors.reporting import site_error
+from fedfms.fl.filters.wire import wire_bytes
 from fedfms.fl.checks.liveness import SiteWatch, WatchedTasks
 from fedfms.fl.persistors.trainable import COMPLETED_ROUNDS
 from fedfms.fl.widgets.recorder import ContributionRecorder
@@ -287,6 +288,7 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         self._received_count, self._expected_count = 0, expected
         self._params_type, self._site_metric_weights = None, {}
         self._outcomes, self._passed, self._accepted, self._holders = {}, {}, {}, set()
+        self._wire: dict[str, tuple[int | None, int | None]] = {}  # site -> payload bytes (down, up) its filters measured
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
         """Check the update as it arrives; one that passes waits for the round's end (:meth:`_settle`)."""
@@ -300,6 +302,7 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         return True
 
     def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False) -> bool:
+        self._wire[client_name] = wire_bytes(result)  # read before FedAvg turns the reply into an FLModel
         accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
         rc = result.get_return_code()
         if rc and rc != ReturnCode.OK and not is_unknown_task:
@@ -313,4 +316,5 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
 
     def _record(self, site: str, status: str, reason: str | None, result: FLModel | None = None, **facts) -> None:
         self._outcomes[site] = status
-        self.recorder.record(self.fl_ctx, self.current_round, site, status, reason, result, **facts)
+        down, up = self._wire.get(site, (None, None))
+        self.recorder.record(self.fl_ctx, self.current_round, site, status, reason, result, wire_bytes_down=down, wire_bytes_up=up, **facts)
