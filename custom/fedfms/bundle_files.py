@@ -59,18 +59,27 @@ def verify_checks(bundle_dir: str | os.PathLike) -> list[tuple[str, list[str], d
     that profile's size.
     """
     bundle = Path(bundle_dir)
-    shape = load_json(bundle / "configs" / "metadata.json")["network_data_format"]["inputs"]["image"]["spatial_shape"]
-    fixed = all(isinstance(size, int) for size in shape)
+    shape = _input_shape(bundle)
     demo_size = cpu_demo_profile(bundle)["image_size"]
     return [
         ("train.json/inference.json", ["configs/inference.json"], {}),
-        (PROFILE, ["configs/inference.json", f"configs/{PROFILE}.json"], {INPUT_SHAPE: [demo_size] * len(shape)} if fixed else {}),
+        (PROFILE, ["configs/inference.json", f"configs/{PROFILE}.json"], {INPUT_SHAPE: [demo_size] * len(shape)} if _fixed(shape) else {}),
     ]
+
+
+def _input_shape(bundle: Path) -> list:
+    """The input ``spatial_shape`` the bundle's ``metadata.json`` declares."""
+    return load_json(bundle / "configs" / "metadata.json")["network_data_format"]["inputs"]["image"]["spatial_shape"]
+
+
+def _fixed(shape: list) -> bool:
+    """A shape of plain numbers (one input size), not ``k*n`` expressions."""
+    return all(isinstance(size, int) for size in shape)
 
 
 def _verify_text(bundle: Path) -> str:
     """The README's check commands and what the declared shape means."""
-    shape = load_json(bundle / "configs" / "metadata.json")["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    shape = _input_shape(bundle)
     blocks = []
     for profile, configs, overrides in verify_checks(bundle):
         files = configs[0] if len(configs) == 1 else "\"[" + ",".join(f"'{c}'" for c in configs) + "]\""
@@ -79,7 +88,7 @@ def _verify_text(bundle: Path) -> str:
             f"```bash\n# {profile}\npython -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\\n"
             f'    --config_file {files} --bundle_root "$PWD"{extra}\n```'
         )
-    if all(isinstance(size, int) for size in shape):
+    if _fixed(shape):
         meaning = (
             f"The network takes exactly {' x '.join(map(str, shape))} px in the bundle's configuration: a SAM image encoder is built "
             f"for one input size (`image_size`). The CPU demo profile builds it for {cpu_demo_profile(bundle)['image_size']} px, so its "

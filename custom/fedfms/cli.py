@@ -73,10 +73,9 @@ def _partition(args: argparse.Namespace) -> int:
 
 def _params(args: argparse.Namespace) -> int:
     from fedfms.models.counting import component_counts, count_parameters
-    from fedfms.models.factory import build_model
     from fedfms.models.checkpoints import load_checkpoint
+    from fedfms.models.factory import MODELS, build_model
     from fedfms.models.litemedsam import NATIVE_IMAGE_SIZE, resolve_checkpoint
-    from fedfms.models.factory import MODELS
     from fedfms.models.sam import SAM_SIZES
     from fedfms.models.strategies import STRATEGIES, trainable_names
 
@@ -300,7 +299,6 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_job(commands: argparse._SubParsersAction) -> None:
-
     p = commands.add_parser("job", help="a configured copy of a job folder: profile, data, rounds, resume")
     p.add_argument("job", help="a job folder, or the name of a job that ships with fedfms, e.g. fedmsa_prostate")
     p.add_argument("--out", required=True, help="new job folder to write (must not exist)")

@@ -39,7 +39,7 @@ def strip_volume_suffix(path: str | os.PathLike) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
-def load_volume(path: str | os.PathLike) -> "MetaTensor":
+def load_volume(path: str | os.PathLike) -> MetaTensor:
     """Load one volume as a float32 MetaTensor (no channel added): NIfTI through nibabel, MetaImage/NRRD through ITK.
 
     Raises:

@@ -13,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_net_in_out
 
 from fedfms.bundle_files import verify_checks
-from tests.bundles.conftest import BUNDLES, NAMES, config_files, run_bundle, train_losses
+from tests.bundles.conftest import BUNDLES, NAMES, run_bundle, train_losses
 
 
 def _data_dir(tiny_data, bundle):

@@ -38,6 +38,7 @@ from statistics import fmean
 import numpy as np
 
 from fedfms.errors import DataError
+from fedfms.fl.report import row_status
 from fedfms.io import atomic_write, load_json, save_json
 
 CELL_FILE = "cell.json"
@@ -240,13 +241,13 @@ def round_records(app: Path) -> dict:
     for r in rows:
         if r.get("global_val_dice") is not None:
             dice[r["round"]].append(r["global_val_dice"])
-    accepted_rows = [r for r in rows if (r.get("status") or ("accepted" if r.get("accepted") else "rejected")) == "accepted"]
+    accepted_rows = [r for r in rows if row_status(r) == "accepted"]
     accepted = [r["bytes_received"] for r in accepted_rows]
     wire_up = [r["wire_bytes_up"] for r in accepted_rows if r.get("wire_bytes_up") is not None]
     wire_down = [r["wire_bytes_down"] for r in accepted_rows if r.get("wire_bytes_down") is not None]
     statuses: dict[str, int] = defaultdict(int)
     for r in rows:
-        statuses[r.get("status") or ("accepted" if r.get("accepted") else "rejected")] += 1
+        statuses[row_status(r)] += 1
     return {
         "rounds": [{"round": n, "mean_global_val_dice": fmean(v), "sites": len(v)} for n, v in sorted(dice.items())],
         "bytes_per_round": fmean(accepted) if accepted else None,

@@ -182,7 +182,8 @@ def _set_profile(args: dict, options: JobOptions) -> None:
         args["config_files"] = files + [DEMO_CONFIG] if options.profile == "cpu_demo" else files
     network = _network_overrides(options)
     if network and read_method(bundle_dir(args["bundle_root"]))["model"] not in SAM_MODELS:
-        raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in network)} apply to SAM jobs; {args['bundle_root']} is not a SAM bundle")
+        flags = ", ".join("--" + {LORA_RANK_KEY: "lora_rank"}.get(k, k).replace("_", "-") for k in network)
+        raise ValueError(f"{flags} apply to SAM jobs; {args['bundle_root']} is not a SAM bundle")
     for key, value in network.items():
         _override(args, key, value)
     for key, value in (options.overrides or {}).items():

@@ -75,9 +75,9 @@ def round_table(rows: list[dict]) -> str:
     lines += [f"{rnd:<7}" + "".join(f"{_fmt(dice.get(s)):>12}" for s in sites) for rnd, dice in sorted(by_round.items())]
     counts = defaultdict(int)
     for r in rows:
-        counts[_status(r)] += 1
+        counts[row_status(r)] += 1
     lines.append(f"contributions: {len(rows)} expected: " + ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in STATUS_ORDER))
-    lines += [f"  round {r['round']} {r['site']}: {_status(r).replace('_', ' ')}: {r.get('reason')}" for r in rows if _status(r) != "accepted"]
+    lines += [f"  round {r['round']} {r['site']}: {row_status(r).replace('_', ' ')}: {r.get('reason')}" for r in rows if row_status(r) != "accepted"]
     lines += never_contributed(rows)
     sent = defaultdict(list)
     for r in rows:
@@ -104,17 +104,17 @@ def wire_lines(rows: list[dict]) -> list[str]:
 
 def never_contributed(rows: list[dict]) -> list[str]:
     """One line per site that had tasks but no update accepted in any round, with its last reason."""
-    sites = sorted({r["site"] for r in rows} - {r["site"] for r in rows if _status(r) == "accepted"})
+    sites = sorted({r["site"] for r in rows} - {r["site"] for r in rows if row_status(r) == "accepted"})
     if not sites:
         return []
     last = {r["site"]: r for r in sorted(rows, key=lambda r: r["round"])}
     return [f"NEVER CONTRIBUTED: {len(sites)} site(s) had no update accepted in any round; the model was trained without them"] + [
-        f"  {site}: {_status(last[site]).replace('_', ' ')} in round {last[site]['round']}: {last[site].get('reason')}" for site in sites
+        f"  {site}: {row_status(last[site]).replace('_', ' ')} in round {last[site]['round']}: {last[site].get('reason')}" for site in sites
     ]
 
 
-def _status(row: dict) -> str:
-    """A row's status (records written before statuses existed only say whether it was accepted)."""
+def row_status(row: dict) -> str:
+    """A ``round_metrics`` row's status (records written before statuses existed only say whether it was accepted)."""
     return row.get("status") or ("accepted" if row["accepted"] else "rejected")
 
 
