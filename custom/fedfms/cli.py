@@ -328,6 +328,11 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
     lora = p.add_argument_group("FLAP-SAM's ranks")
     lora.add_argument("--lora-rank", type=int, help="LoRA strategies (flap, lora, lora_dec): the rank r of every LoRA layer (default 32; FLAP-SAM Table 2: 4-64)")
     lora.add_argument("--svd-rank", type=int, help="LoRA-SVD aggregation: rank of the re-factorised averaged products (default: the LoRA rank)")
+    wire = p.add_argument_group("compressed exchange")
+    wire.add_argument("--compress", choices=("fp16", "bf16", "blockwise8", "nf4", "fp4"),
+                      help="the train exchange, both ways: 16-bit casts, 8-bit blockwise or 4-bit NormalFloat/FloatingPoint codes (bitsandbytes, on CPU); default: fp32 as it is")
+    wire.add_argument("--compress-full-weights", action="store_true",
+                      help="compressed updates carry the weights (default: the round's change, so the sites' error on the global model does not reach the server)")
     robust = p.add_argument_group("silent and hostile sites")
     robust.add_argument("--wait-after-min-received", type=int, metavar="SECONDS",
                         help="seconds the other sites get once min_clients have answered: what a hung site costs per round (jobs: 60; paper profile: 3600)")
@@ -346,7 +351,7 @@ def _add_experiment(commands: argparse._SubParsersAction) -> None:
         help="run an experiment file (methods x local/centralized/federated/loso, one cell at a time) and write the papers' tables and figures",
         epilog="Exit codes: 0 every cell ok; 2 bad experiment file or arguments; 4 some cell failed (its reason is in its result.json).",
     )
-    p.add_argument("config", help="an experiment file (YAML or JSON), or a shipped one: cpu, flapsam, fminit, paper")
+    p.add_argument("config", help="an experiment file (YAML or JSON), or a shipped one: cpu, compression, flapsam, fminit, paper")
     p.add_argument("--out", help="output folder (default: the file's `out`, else experiments/<name>)")
     p.add_argument("--report", action="store_true", help="run nothing: write the tables and figures of the cells finished so far")
     p.add_argument("--list", action="store_true", help="run nothing: list the cells and their state (done, failed, changed, pending)")

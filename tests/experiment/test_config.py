@@ -25,7 +25,7 @@ def config_text(methods: str = "  - {bundle: fedmsa_prostate}", data: str = "dem
 
 
 def test_shipped_configs_load():
-    assert shipped_configs() == ["cpu", "flapsam", "fminit", "paper"]
+    assert shipped_configs() == ["compression", "cpu", "flapsam", "fminit", "paper"]
     cpu = load_config("cpu")
     assert cpu.profile == "cpu_demo" and cpu.config_files == ("train.json", "cpu_demo.json") and cpu.device == "cpu"
     names = [m.name for m in cpu.methods]
@@ -67,6 +67,20 @@ def test_methods_inherit_the_experiment_values_and_get_default_names(tmp_path):
     assert fedmsa.data.startswith("/") and fedmsa.job.endswith("jobs/fedmsa_prostate")
 
 
+def test_compression_is_a_method_dimension_of_its_federated_cells(tmp_path):
+    from fedfms.experiment.cell import job_options
+    from fedfms.experiment.cells import make_cell
+
+    methods = """  - {bundle: flapsam_prostate, strategy: flap}
+  - {bundle: flapsam_prostate, strategy: flap, compress: nf4}"""
+    config = load_config(write_config(tmp_path, config_text(methods)))
+    plain, nf4 = config.methods
+    assert (plain.name, plain.compress, nf4.name, nf4.compress) == ("flapsam", None, "flapsam_nf4", "nf4")
+    assert make_cell(config, nf4, "local")["compress"] is None  # only a federated exchange is compressed
+    cell = make_cell(config, nf4, "federated")
+    assert cell["compress"] == "nf4" and job_options(cell, ["A", "B"], None).compress == "nf4"
+
+
 def test_overrides_of_a_method_add_to_the_experiment_ones(tmp_path):
     methods = """  - {bundle: fedmsa_prostate, overrides: {learning_rate: 0.001}}
   - {bundle: unet_prostate, overrides: {train#samples_per_epoch: 4}}"""
@@ -105,6 +119,7 @@ def test_json_files_and_command_line_overrides(tmp_path):
         (config_text("  - {bundle: fedmsa_prostate, init_mode: fm}"), r"methods\[0\]\.init_mode: needs a job with the FMInstructedInit pre-stage"),
         (config_text("  - {bundle: fedmsa_prostate, name: Fed-MSA}"), r"methods\[0\]\.name: must be lower-case letters"),
         (config_text("  - {bundle: fedmsa_prostate, image_size: 60}"), r"methods\[0\]\.image_size: must be a multiple of 16, got 60"),
+        (config_text("  - {bundle: flapsam_prostate, compress: int3}"), r"methods\[0\]\.compress: unknown value 'int3'; choose from fp16, bf16, blockwise8, nf4, fp4"),
         (config_text("  []"), r"methods: must be a non-empty list"),
         ("- just\n- a list\n", r"must hold a mapping of keys"),
         ("data: [unclosed\n", r"is not valid YAML"),
@@ -118,7 +133,7 @@ def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"no experiment file here, and not a shipped experiment \(cpu, flapsam, fminit, paper\)") as error:
+    with pytest.raises(ConfigError, match=r"no experiment file here, and not a shipped experiment \(compression, cpu, flapsam, fminit, paper\)") as error:
         load_config(tmp_path / "missing.yaml")
     assert error.value.path == str(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not a shipped experiment"):

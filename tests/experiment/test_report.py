@@ -40,7 +40,7 @@ def test_report_writes_tables_and_figures(tmp_path):
     assert all(p.read_bytes()[:4] == PNG for p in files if p.suffix == ".png")
     assert "3 cells, 3 ok, 0 failed, 0 pending" in text
     assert "| FedMSA | fedmsa-federated | 0.8000 | 0.6000 | 0.7000 |" in text
-    assert "| FLAP-SAM | flap | 0.7000 | - | 0.7000 | - | - | 500 | - |" in text
+    assert "| FLAP-SAM | flap | fp32 | 0.7000 | - | 0.7000 | - | - | 500 | - |" in text
 
 
 def test_pending_cells_are_listed(tmp_path):

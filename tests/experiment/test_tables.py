@@ -65,18 +65,33 @@ def flapsam_results() -> list[dict]:
 
 def test_flapsam_table_settings_parameters_and_bytes():
     table = flapsam_table(flapsam_results())
-    assert table.columns == ["method", "strategy", "local_dice_3d", "centralized_dice_3d", "federated_dice_3d", "trainable", "total",
+    assert table.columns == ["method", "strategy", "exchange", "local_dice_3d", "centralized_dice_3d", "federated_dice_3d", "trainable", "total",
                              "bytes_per_round", "wire_bytes_up_per_round", "times_fewer_bytes_than_fullft"]
     assert csv_text(table) == (
-        "method,strategy,local_dice_3d,centralized_dice_3d,federated_dice_3d,trainable,total,bytes_per_round,wire_bytes_up_per_round,"
+        "method,strategy,exchange,local_dice_3d,centralized_dice_3d,federated_dice_3d,trainable,total,bytes_per_round,wire_bytes_up_per_round,"
         "times_fewer_bytes_than_fullft\n"
-        "FullFT,full,0.7,0.6,0.7,9000,10000,4000.0,,1.0\n"
-        "PDecFT-PT,pdec,0.7,,,10,20,,,\n"
-        "FLAP-SAM,flap,0.4,,0.7,1000,10500,1000.0,1100.0,4.0\n"
+        "FullFT,full,fp32,0.7,0.6,0.7,9000,10000,4000.0,,1.0\n"
+        "PDecFT-PT,pdec,fp32,0.7,,,10,20,,,\n"
+        "FLAP-SAM,flap,fp32,0.4,,0.7,1000,10500,1000.0,1100.0,4.0\n"
     )
     text = markdown(table)
-    assert "| FLAP-SAM | flap | 0.4000 | - | 0.7000 | 1,000 | 10,500 | 1,000 | 1,100 | 4.0x |" in text
+    assert "| FLAP-SAM | flap | fp32 | 0.4000 | - | 0.7000 | 1,000 | 10,500 | 1,000 | 1,100 | 4.0x |" in text
     assert "dice_3d: 3D Dice per test volume" in text and "bytes per round: mean tensor bytes of one site's accepted update" in text and "wire bytes up: the same update as NVFlare serialised it" in text
+
+
+def test_compressed_rows_are_compared_with_fp32_fullft_on_the_wire():
+    """The ratio uses the bytes measured on the wire where both rows have them: compression shows there, not in the count."""
+    full = {"parameters": {"trainable": 9000, "total": 10000}}
+    results = [
+        result("flapsam_full", "federated", SITES, model="flapsam", bytes_per_round=4000.0, wire_bytes_up_per_round=4400.0, **full),
+        result("flapsam_full_nf4", "federated", SITES, model="flapsam", bytes_per_round=4000.0, wire_bytes_up_per_round=700.0, **full),
+        result("flapsam_nf4", "federated", SITES, model="flapsam", strategy="flap", bytes_per_round=1000.0, wire_bytes_up_per_round=220.0),
+    ]
+    results[1]["cell"]["compress"] = results[2]["cell"]["compress"] = "nf4"
+    rows = {r["method"]: r for r in flapsam_table(results).rows}
+    assert rows["FullFT"]["times_fewer_bytes_than_fullft"] == 1.0 and rows["FullFT nf4"]["exchange"] == "nf4"
+    assert rows["FullFT nf4"]["times_fewer_bytes_than_fullft"] == pytest.approx(4400 / 700)
+    assert rows["FLAP-SAM nf4"]["times_fewer_bytes_than_fullft"] == 20.0
 
 
 def test_flapsam_table_without_fullft_has_no_ratio():

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -198,8 +199,39 @@ def test_privacy_options_configure_nvflare_filters_and_the_server_checks(tmp_pat
     assert learner["send_weight_diff"] is True and learner["norm_statistics"] == "local"
     assert next(c for c in server["components"] if c["id"] == "update_validator")["args"]["excluded_vars"] == "^head\\."
     assert next(c for c in server["components"] if c["id"] == "persistor")["args"]["norm_statistics"] == "local"
-    with pytest.raises(ValueError, match="LoRA-SVD"):
-        configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "lora", JobOptions(percentile_privacy=10))
+    lora = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "lora", JobOptions(percentile_privacy=10))  # changes become weights at the server
+    assert bundle_args(_configs(lora)[0])[0]["send_weight_diff"] is True
+
+
+def _train_chain(config: dict, kind: str) -> list[str]:
+    chain = next(c for c in config.get(kind, []) if "train" in c["tasks"])
+    return [f["path"].rsplit(".", 1)[1] + "".join(f":{v}" for v in f["args"].values() if isinstance(v, (str, bool))) for f in chain["filters"]]
+
+
+def test_compression_wraps_the_wire_both_ways_and_sends_changes(tmp_path):
+    out = configure_job(REPO / "jobs/flapsam_prostate", tmp_path / "nf4", JobOptions(compress="nf4", exclude_vars="^x"))
+    client, server = _configs(out)
+    # Site: measure what arrived, then decompress; privacy, then compress, then measure what leaves.
+    assert _train_chain(client, "task_data_filters") == ["WireBytes:down", "DecompressWeights"]
+    assert _train_chain(client, "task_result_filters") == ["ExcludeVars:^x", "CompressWeights:nf4", "WireBytes:up"]
+    # Server: compress what it sends; decompress (marking bad payloads for the validator) before checks and aggregation.
+    assert _train_chain(server, "task_data_filters") == ["CompressWeights:nf4"]
+    assert _train_chain(server, "task_result_filters") == ["DecompressWeights:True"]
+    assert bundle_args(client)[0]["send_weight_diff"] is True
+    assert json.loads((out / "meta.json").read_text())["fedfms_job_options"] == {"compress": "nf4", "exclude_vars": "^x"}
+    weights = configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "fp16", JobOptions(compress="fp16", compress_full_weights=True))
+    assert "send_weight_diff" not in bundle_args(_configs(weights)[0])[0]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"compress": "int8"}, "unknown --compress mode 'int8'; choose from fp16, bf16, blockwise8, nf4, fp4"),
+    ({"compress_full_weights": True}, "--compress-full-weights applies to a compressed exchange; add --compress MODE"),
+    ({"compress": "nf4", "compress_full_weights": True, "percentile_privacy": 10}, "percentile privacy shares only weight changes; --compress-full-weights"),
+])
+def test_compression_options_that_cannot_apply_are_refused(tmp_path, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / "job", JobOptions(**options))
+    assert not (tmp_path / "job").exists()
 
 
 @pytest.mark.parametrize("job", sorted(p.parent.name for p in (REPO / "jobs").glob("*/meta.json")))

@@ -108,3 +108,12 @@ def test_report_names_the_sites_that_never_contributed(tmp_path, capsys):
     start = lines.index("NEVER CONTRIBUTED: 1 site(s) had no update accepted in any round; the model was trained without them")
     assert lines[start + 1] == f"  HK: failed in round 1: {failed}"
     assert not any(line.startswith("  site-1:") for line in lines)
+
+
+def test_report_shows_the_bytes_on_the_wire_against_the_tensor_bytes(tmp_path, capsys):
+    """A compressed run shows as a share of the tensors' bytes (8-bit: about a quarter)."""
+    rows = [{**row, "bytes_received": 4000, "wire_bytes_down": 1100 + row["round"], "wire_bytes_up": 1050} for row in ROWS]
+    _write(tmp_path)
+    (tmp_path / "round_metrics.json").write_text(json.dumps(rows))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "site-1 1,101 / 1,050 (0.263), site-2 1,101 / 1,050 (0.263)" in capsys.readouterr().out

@@ -54,6 +54,7 @@ def make_cell(config: ExperimentConfig, method: MethodConfig, setting: str) -> d
         "train_epochs": None if federated else config.train_epochs,
         "init_mode": method.init_mode if federated else None,
         "prestage_epochs": method.prestage_epochs if federated else None,
+        "compress": method.compress if federated else None,
         "threads": config.threads if federated else None,
         "task_timeout": config.task_timeout if federated else None,
         "qualitative_slices": config.qualitative_slices,

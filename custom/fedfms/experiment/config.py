@@ -32,6 +32,7 @@ Example (every key of the file; ``methods`` entries take the keys marked *)::
         job: fedmsa_prostate           # * the federated job (default: the bundle's, see JOBS)
         init_mode: fm                  # * jobs with the FM-instructed-init pre-stage: random, pretrain, fm
         prestage_epochs: 20            # * epochs of that pre-stage
+        compress: blockwise8           # * federated cells: the exchange compressed (`fedfms job --compress`)
 
 Relative paths (data, bundles, jobs) are looked up as job configs do (:func:`fedfms.paths.resolve_path`:
 the working directory, then the source tree, then the installed package). Whether the data is
@@ -59,7 +60,7 @@ from fedfms.paths import resolve_path
 SETTINGS = ("local", "centralized", "federated", "loso")
 FEDERATED_SETTINGS = ("federated", "loso")
 PROFILES = {"cpu_demo": ("train.json", "cpu_demo.json"), "paper": ("train.json",)}  # profile -> bundle configs
-CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped experiments: cpu, flapsam, fminit, paper
+CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped experiments: cpu, compression, flapsam, fminit, paper
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SAM_MODELS = ("sam", "flapsam")
 # Bundle -> its federated job (jobs/<name>).
@@ -159,6 +160,12 @@ def _strategies():
     return STRATEGIES
 
 
+def _compression_modes():
+    from fedfms.fl.filters.compression import MODES
+
+    return MODES
+
+
 def _init_modes():
     from fedfms.distillation.prestage import INIT_MODES
 
@@ -203,6 +210,7 @@ METHOD = {
     "strategy": Key(_choice(_strategies)),
     "init_mode": Key(_choice(_init_modes)),
     "prestage_epochs": Key(_count(1)),
+    "compress": Key(_choice(_compression_modes)),
     **{k: Key(v.check) for k, v in SHARED.items()},  # no defaults of their own: the experiment's apply
 }
 
@@ -227,6 +235,7 @@ class MethodConfig:
     pretrained_checkpoint: str | None = None
     init_mode: str | None = None
     prestage_epochs: int | None = None
+    compress: str | None = None  # federated cells: the compression mode of the exchange (None: fp32)
     overrides: tuple[tuple[str, Any], ...] = ()  # bundle keys -> values, sorted (hashable)
 
 
@@ -263,7 +272,7 @@ def shipped_configs() -> list[str]:
 
 
 def find_config(config: str | os.PathLike) -> Path:
-    """The experiment file ``config`` names: a path, or the name of a shipped experiment (cpu, flapsam, fminit, paper)."""
+    """The experiment file ``config`` names: a path, or the name of a shipped experiment (cpu, compression, flapsam, fminit, paper)."""
     path = Path(config)
     if path.is_file():
         return path
@@ -350,7 +359,7 @@ def _method(raw: Any, top: dict, path: Path, where: str) -> MethodConfig:
     job = _job(own, bundle, path, where) if set(settings) & set(FEDERATED_SETTINGS) else None
     strategy = own["strategy"] or method["strategy"]
     pretrained = bool(value["pretrained"]) if sam else True
-    name = own["name"] or _default_name(bundle.name, strategy if strategy != method["strategy"] else None, own["init_mode"], pretrained)
+    name = own["name"] or _default_name(bundle.name, strategy if strategy != method["strategy"] else None, own["init_mode"], pretrained, own["compress"])
     checkpoint = value["pretrained_checkpoint"] if sam and pretrained else None
     return MethodConfig(
         name=name, bundle=str(bundle), job=job, model=model, strategy=strategy, pretrained=pretrained, settings=settings,
@@ -358,7 +367,7 @@ def _method(raw: Any, top: dict, path: Path, where: str) -> MethodConfig:
         sites=tuple(value["sites"]) if value["sites"] else None,
         size=value["size"] if sam else None, image_size=value["image_size"] if sam else None,
         pretrained_checkpoint=str(Path(checkpoint).expanduser().resolve()) if checkpoint else None,
-        init_mode=own["init_mode"], prestage_epochs=own["prestage_epochs"], overrides=tuple(sorted(overrides.items())),
+        init_mode=own["init_mode"], prestage_epochs=own["prestage_epochs"], compress=own["compress"], overrides=tuple(sorted(overrides.items())),
     )
 
 
@@ -386,9 +395,9 @@ def _job(own: dict, bundle: Path, path: Path, where: str) -> str:
     return str(folder)
 
 
-def _default_name(bundle: str, strategy: str | None, init_mode: str | None, pretrained: bool) -> str:
-    """``fedmsa``, ``flapsam_dec``, ``smlite_fm``, ``fedsam_pt``: the bundle without ``_prostate`` and what differs."""
-    parts = [bundle.removesuffix("_prostate").lower(), strategy, init_mode, None if pretrained else "pt"]
+def _default_name(bundle: str, strategy: str | None, init_mode: str | None, pretrained: bool, compress: str | None = None) -> str:
+    """``fedmsa``, ``flapsam_dec``, ``smlite_fm``, ``fedsam_pt``, ``flapsam_nf4``: the bundle without ``_prostate`` and what differs."""
+    parts = [bundle.removesuffix("_prostate").lower(), strategy, init_mode, None if pretrained else "pt", compress]
     return "_".join(p for p in parts if p)
 
 

@@ -55,18 +55,23 @@ def dice_per_round(results: Sequence[dict], path: Path) -> Path | None:
 
 def dice_vs_bytes(results: Sequence[dict], path: Path, metric: str = "dice_3d") -> Path | None:
     """Final test ``metric`` (mean over sites) against bytes per round, log x; None without a federated cell to plot."""
-    cells = [r for r in _federated(results) if r.get("bytes_per_round") and r["average"].get(metric) is not None]
+    cells = [r for r in _federated(results) if _sent(r) and r["average"].get(metric) is not None]
     if not cells:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for r in cells:
-        axis.scatter(r["bytes_per_round"], r["average"][metric])
-        axis.annotate(r["cell"]["id"], (r["bytes_per_round"], r["average"][metric]), fontsize="small", xytext=(4, 4), textcoords="offset points")
+        axis.scatter(_sent(r), r["average"][metric])
+        axis.annotate(r["cell"]["id"], (_sent(r), r["average"][metric]), fontsize="small", xytext=(4, 4), textcoords="offset points")
     axis.set_xscale("log")
-    axis.set(xlabel="bytes one site sends per round (log scale)", ylabel=f"final test {metric}\n(mean over sites, empty-slice rule)", ylim=(0, 1))
+    axis.set(xlabel="bytes one site sends per round, measured on the wire where recorded (log scale)", ylabel=f"final test {metric}\n(mean over sites, empty-slice rule)", ylim=(0, 1))
     _save(figure, path)
     return path
+
+
+def _sent(result: dict) -> float | None:
+    """Bytes one site sent per round: measured on the wire (compression included) when recorded, else counted."""
+    return result.get("wire_bytes_up_per_round") or result.get("bytes_per_round")
 
 
 def _outline(axis, mask: np.ndarray, shape: tuple[int, int], color: str, alpha: float = 1.0) -> None:

@@ -107,7 +107,8 @@ def flapsam_label(cell: dict) -> str | None:
     """The FLAP-SAM Table 1 row of a cell's method, or None for other models."""
     if cell["model"] != "flapsam":
         return None
-    return FLAPSAM_NAMES.get(cell["strategy"], cell["strategy"]) + ("" if cell["pretrained"] else "-PT")
+    compress = f" {cell['compress']}" if cell.get("compress") else ""
+    return FLAPSAM_NAMES.get(cell["strategy"], cell["strategy"]) + ("" if cell["pretrained"] else "-PT") + compress
 
 
 def _disambiguate(labelled: list[tuple[str, str]]) -> dict[str, str]:
@@ -155,23 +156,34 @@ def flapsam_table(results: Sequence[dict], metric: str = "dice_3d") -> Table:
     for method, settings in sorted(by_method.items(), key=lambda item: _order(labels[item[0]], list(FLAPSAM_NAMES.values()))):
         any_cell = settings.get("federated") or next(iter(settings.values()))
         params = any_cell.get("parameters") or {}
-        row = {"method": labels[method], "strategy": any_cell["cell"]["strategy"]}
+        row = {"method": labels[method], "strategy": any_cell["cell"]["strategy"], "exchange": any_cell["cell"].get("compress") or "fp32"}
         row.update({f"{s}_{metric}": settings[s]["average"].get(metric) if s in settings else None for s in FLAPSAM_SETTINGS})
         federated = settings.get("federated") or {}
         row.update({"trainable": params.get("trainable"), "total": params.get("total"), "bytes_per_round": federated.get("bytes_per_round"),
                     "wire_bytes_up_per_round": federated.get("wire_bytes_up_per_round")})
         rows.append(row)
-    reference = next((r["bytes_per_round"] for r in rows if r["strategy"] == "full" and r["method"] == "FullFT"), None)
-    reference = reference or next((r["bytes_per_round"] for r in rows if r["strategy"] == "full"), None)
+    full = [r for r in rows if r["strategy"] == "full" and r["exchange"] == "fp32"]
+    reference = next((r for r in full if r["method"] == "FullFT"), full[0] if full else None)
     for row in rows:
-        row["times_fewer_bytes_than_fullft"] = reference / row["bytes_per_round"] if _number(reference) and _number(row["bytes_per_round"]) else None
-    columns = ["method", "strategy", *(f"{s}_{metric}" for s in FLAPSAM_SETTINGS), "trainable", "total", "bytes_per_round", "wire_bytes_up_per_round",
+        row["times_fewer_bytes_than_fullft"] = _fewer(reference, row)
+    columns = ["method", "strategy", "exchange", *(f"{s}_{metric}" for s in FLAPSAM_SETTINGS), "trainable", "total", "bytes_per_round", "wire_bytes_up_per_round",
                "times_fewer_bytes_than_fullft"]
     formats = {**{f"{s}_{metric}": _dice for s in FLAPSAM_SETTINGS}, "trainable": _count, "total": _count, "bytes_per_round": _count,
                "wire_bytes_up_per_round": _count, "times_fewer_bytes_than_fullft": _times}
     rules = [f"{metric}: {METRIC_RULES[metric]}; each column the {AVERAGE_RULE.split(': ', 1)[1]}", SETTING_RULE, PARAMS_RULE, BYTES_RULE,
-             "times fewer bytes than FullFT: FullFT's bytes per round / the method's"]
+             "exchange: fp32, or the compression of the federated exchange (`fedfms job --compress`)",
+             "times fewer bytes than FullFT: FullFT's (fp32) bytes per round / the method's, measured on the wire where both were"]
     return Table("flapsam_table1", f"FLAP-SAM Table 1 layout: {metric} per setting, parameters and communication", rules, columns, rows, formats)
+
+
+def _fewer(reference: dict | None, row: dict) -> float | None:
+    """How many times fewer bytes ``row`` sends per round than ``reference``: measured on the wire when both were, else counted."""
+    if reference is None:
+        return None
+    for key in ("wire_bytes_up_per_round", "bytes_per_round"):
+        if _number(reference[key]) and _number(row[key]):
+            return reference[key] / row[key]
+    return None
 
 
 def rounds_to(dice: Sequence[float | None], target: float) -> int | None:

@@ -6,6 +6,8 @@ A federation is only known to survive bad or silent sites once it has been seen 
 real fault would happen: in ``train``. :class:`OutgoingUpdateRecorder`, as the last of a site's
 ``task_result_filters``, saves every update exactly as it leaves the site (after any privacy
 filter), so a drill or a test can check what the server received and aggregated.
+:class:`PayloadCorruptor`, after a site's compression filter, breaks that site's compressed
+updates (``missing_scale``: no block scales; ``wrong_metadata``: shapes that do not fit the values).
 
 Fault kinds (``{"site": "site-2", "round": 1, "kind": ..., ...}``; any fault may also carry
 ``"delay": seconds`` to answer that much later, e.g. to make a bad update arrive last):
@@ -31,6 +33,7 @@ A fault with ``"task": "validate"`` happens in the final evaluation instead (kin
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -45,6 +48,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 
 from fedfms.fl.executors.learner import BundleLearner
+from fedfms.fl.filters.compression import STATE
 
 FAULT_KINDS = ("nan", "nan_inf", "frozen_key", "unknown_key", "missing_keys", "wrong_shape", "weight", "scale", "boost", "exception", "hang", "die", "delay")
 FINAL_EVALUATION_KINDS = ("exception", "hang", "die")
@@ -144,3 +148,34 @@ class OutgoingUpdateRecorder(Filter):
         record = {"data": {k: torch.as_tensor(v).clone() for k, v in (dxo.data or {}).items()}, "meta": dict(dxo.meta), "kind": dxo.data_kind}
         torch.save(record, self.folder / f"{site}_round{round_}.pt")
         return shareable
+
+
+class PayloadCorruptor(Filter):
+    """Breaks every compressed update ``site`` sends (see the module docstring); place it after ``CompressWeights``.
+
+    Args:
+        site: the site whose updates break.
+        kind: ``missing_scale`` (every tensor's block scales dropped) or ``wrong_metadata`` (every
+            tensor's recorded shape gains a dimension of 2).
+    """
+
+    KINDS = ("missing_scale", "wrong_metadata")
+
+    def __init__(self, site: str, kind: str) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown payload fault {kind!r}; choose from {', '.join(self.KINDS)}")
+        self.site, self.kind = site, kind
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_identity_name() != self.site or shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return shareable
+        dxo = from_shareable(shareable)
+        state = copy.deepcopy(dxo.meta[STATE])
+        for entry in state["tensors"].values():
+            if self.kind == "missing_scale":
+                entry.pop("absmax", None)
+            else:
+                entry["shape"] = [*entry["shape"], 2]
+        dxo.meta[STATE] = state
+        return dxo.update_shareable(shareable)

@@ -29,6 +29,12 @@ the update bounds ``--max-abs-value``, ``--max-change-norm`` and ``--max-change-
 ``--aggregation median|trimmed_mean`` (:mod:`fedfms.fl.aggregators.robust`; on the LoRA products in a
 LoRA-SVD job).
 
+``--compress MODE`` (:data:`fedfms.fl.filters.compression.MODES`: fp16, bf16, blockwise8, nf4, fp4)
+sends the ``train`` exchange compressed both ways: the server's global model, and each site's
+update as the round's change (``WEIGHT_DIFF``; the sites' own dequantisation error of the global
+model then does not reach the server), or as weights with ``--compress-full-weights``. The server
+decompresses before its update checks and aggregation; a payload it cannot read is refused.
+
 A resumed run (``--resume-from``) must be of the same job: the same network (every key and
 shape of the saved global model) and the same server workflows; anything else is refused here,
 before any work.
@@ -56,6 +62,7 @@ from fedfms.errors import DataError
 from fedfms.fl.exchange import NORM_STATISTICS
 from fedfms.fl.persistors.trainable import read_resume_model, resume_folder
 from fedfms.fl.aggregators.robust import check_combine
+from fedfms.fl.filters.compression import MODES as COMPRESSION_MODES
 from fedfms.paths import find_job
 
 PROFILES = ("cpu_demo", "paper")
@@ -73,6 +80,8 @@ RESUMING_COMPONENTS = ("persistor", "contributions", "model_selector")  # what a
 WIRE_BYTES = "fedfms.fl.filters.wire.WireBytes"  # measures the serialised payload; last in the result chain
 EXCLUDE_VARS = "nvflare.app_common.filters.exclude_vars.ExcludeVars"
 PERCENTILE_PRIVACY = "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy"
+COMPRESS = "fedfms.fl.filters.compression.CompressWeights"
+DECOMPRESS = "fedfms.fl.filters.compression.DecompressWeights"
 
 
 @dataclass
@@ -108,6 +117,8 @@ class JobOptions:
     trim_fraction: float | None = None  # trimmed_mean: share dropped at each end per coordinate (default 0.2)
     lora_rank: int | None = None  # LoRA strategies (flap, lora, lora_dec): rank r of every LoRA layer (FLAP-SAM Table 2: 4-64)
     svd_rank: int | None = None  # LoRA-SVD aggregation: rank of the re-factorised averaged products (default: the LoRA rank)
+    compress: str | None = None  # the train exchange, both ways: fp16, bf16, blockwise8, nf4 or fp4 (None: as it is, fp32)
+    compress_full_weights: bool = False  # compressed updates carry the weights, not the round's change
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
@@ -154,6 +165,12 @@ class JobOptions:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.lora_rank is not None and self.svd_rank is not None and self.svd_rank > self.lora_rank:
             raise ValueError(f"svd_rank {self.svd_rank} exceeds lora_rank {self.lora_rank}: the re-factorised layer has only r = lora_rank columns")
+        if self.compress not in (None, *COMPRESSION_MODES):
+            raise ValueError(f"unknown --compress mode {self.compress!r}; choose from {', '.join(COMPRESSION_MODES)}")
+        if self.compress_full_weights and not self.compress:
+            raise ValueError("--compress-full-weights applies to a compressed exchange; add --compress MODE")
+        if self.compress_full_weights and self.percentile_privacy is not None:
+            raise ValueError("percentile privacy shares only weight changes; --compress-full-weights would send the weights themselves")
         if self.aggregation is not None or self.trim_fraction is not None:
             check_combine(self.aggregation or "trimmed_mean", 0.2 if self.trim_fraction is None else self.trim_fraction)
 
@@ -275,6 +292,7 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
         learner["norm_statistics"] = options.norm_statistics
         _component(server, fedavg.get("persistor_id", "persistor"))["args"]["norm_statistics"] = options.norm_statistics
     _set_privacy(client, server, learner, options)
+    _set_compression(client, server, learner, options)
     if options.resume_from:
         check_resume(server, options.resume_from)
         for component_id in RESUMING_COMPONENTS:
@@ -389,9 +407,7 @@ def _set_privacy(client: dict, server: dict, learner: dict, options: JobOptions)
     if options.exclude_vars:
         filters.append({"path": EXCLUDE_VARS, "args": {"exclude_vars": options.exclude_vars}})
         _component(server, "update_validator")["args"]["excluded_vars"] = options.exclude_vars
-    if options.percentile_privacy is not None:
-        if any(w["args"].get("aggregator", {}).get("path", "").endswith(LORA_SVD) for w in server["workflows"]):
-            raise ValueError("percentile privacy sends weight changes; this job's aggregator (LoRA-SVD) averages the weights themselves")
+    if options.percentile_privacy is not None:  # (a LoRA-SVD job's server rebuilds weights from the changes)
         percentile = {"percentile": options.percentile_privacy, "gamma": options.privacy_gamma, "data_kinds": ["WEIGHT_DIFF"]}
         filters.append({"path": PERCENTILE_PRIVACY, "args": percentile})
         learner["send_weight_diff"] = True
@@ -399,19 +415,38 @@ def _set_privacy(client: dict, server: dict, learner: dict, options: JobOptions)
         add_result_filters(client, filters)
 
 
-def add_result_filters(client: dict, filters: list[dict]) -> None:
-    """Append ``filters`` to the train task's result chain, before the wire-size filter (it measures what leaves).
+def _set_compression(client: dict, server: dict, learner: dict, options: JobOptions) -> None:
+    """Compress the train exchange both ways; decompress on arrival, after the site's wire-size filter and before the server's checks."""
+    if not options.compress:
+        return
+    compress = {"path": COMPRESS, "args": {"mode": options.compress}}
+    add_result_filters(client, [compress])  # after any privacy filter, before the wire-size filter
+    train_filters(client, "task_data_filters").append({"path": DECOMPRESS, "args": {}})
+    train_filters(server, "task_data_filters").append(compress)
+    train_filters(server, "task_result_filters").append({"path": DECOMPRESS, "args": {"reject_bad_payload": True}})
+    if not options.compress_full_weights:
+        learner["send_weight_diff"] = True
+
+
+def train_filters(config: dict, chain_kind: str) -> list[dict]:
+    """The filter list of the ``train`` task in ``config``'s ``task_data_filters`` or ``task_result_filters`` (made if missing).
 
     NVFlare allows one filter chain per task and direction, so every filter of ``train`` joins one list.
     """
-    chains = client.setdefault("task_result_filters", [])
+    chains = config.setdefault(chain_kind, [])
     chain = next((c for c in chains if "train" in c["tasks"]), None)
     if chain is None:
-        chains.append({"tasks": ["train"], "filters": list(filters)})
-        return
-    wire = [i for i, f in enumerate(chain["filters"]) if f["path"] == WIRE_BYTES]
-    at = wire[0] if wire else len(chain["filters"])
-    chain["filters"][at:at] = filters
+        chain = {"tasks": ["train"], "filters": []}
+        chains.append(chain)
+    return chain["filters"]
+
+
+def add_result_filters(client: dict, filters: list[dict]) -> None:
+    """Add ``filters`` to the train task's result chain, before the wire-size filter (it measures what leaves)."""
+    chain = train_filters(client, "task_result_filters")
+    wire = [i for i, f in enumerate(chain) if f["path"] == WIRE_BYTES]
+    at = wire[0] if wire else len(chain)
+    chain[at:at] = filters
 
 
 def _component(config: dict, component_id: str) -> dict:

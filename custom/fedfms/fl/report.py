@@ -93,13 +93,14 @@ def wire_lines(rows: list[dict]) -> list[str]:
     measured = [r for r in rows if r.get("wire_bytes_up") is not None]
     if not measured:
         return []
-    largest: dict[str, tuple[int, int]] = {}
+    largest: dict[str, tuple[int, int, int]] = {}
     for r in measured:
-        down, up = largest.get(r["site"], (0, 0))
-        largest[r["site"]] = (max(down, r.get("wire_bytes_down") or 0), max(up, r["wire_bytes_up"]))
-    return ["on the wire per round, as serialised (down to the site / up from it): " + ", ".join(
-        f"{site} {down:,} / {up:,}" for site, (down, up) in sorted(largest.items())
-    )]
+        down, up, tensors = largest.get(r["site"], (0, 0, 0))
+        largest[r["site"]] = (max(down, r.get("wire_bytes_down") or 0), max(up, r["wire_bytes_up"]), max(tensors, r.get("bytes_received") or 0))
+    return ["on the wire per round, as serialised (down to the site / up from it; up against the update's tensor bytes: "
+            "about 1 uncompressed, 0.5 fp16, 0.25 8-bit): " + ", ".join(
+                f"{site} {down:,} / {up:,}" + (f" ({up / tensors:.3f})" if tensors else "") for site, (down, up, tensors) in sorted(largest.items())
+            )]
 
 
 def never_contributed(rows: list[dict]) -> list[str]:

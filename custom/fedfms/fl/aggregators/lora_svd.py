@@ -204,7 +204,8 @@ class LoRASVDAggregator(ModelAggregator):
     ``FedAvg(aggregation_weights=...)`` does not apply to custom aggregators), 1.0 with a warning when
     missing or unusable.
 
-    Only FULL parameters are accepted: a DIFF would be averaged as if it were weights. Rejection
+    Only FULL parameters are accepted: a DIFF would be averaged as if it were weights
+    (``ResumableFedAvg`` turns sites' weight changes into weights first, see ``needs_full_params``). Rejection
     raises (after logging an error) because FedAvg ignores ``accept_model``'s return value; its
     result callback catches the exception, logs it and marks the contribution as not accepted.
     A round with no accepted client raises in ``aggregate_model`` so that the run fails loudly
@@ -214,6 +215,8 @@ class LoRASVDAggregator(ModelAggregator):
     of the products and other tensors by that robust rule (unweighted; every client's values are
     kept until the round ends).
     """
+
+    needs_full_params = True  # the LoRA products are formed from the weights themselves
 
     def __init__(
         self, rank: int | None = None, weight_key: str = FLMetaKey.NUM_STEPS_CURRENT_ROUND, combine: str = "mean", trim_fraction: float = 0.2

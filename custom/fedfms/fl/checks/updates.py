@@ -5,6 +5,8 @@ positive into 1.0, so a bad update is half-added or silently re-weighted. :class
 is asked first, by the FedAvg workflow (:class:`fedfms.fl.workflows.fedavg.ResumableFedAvg`), and a bad
 update is rejected whole, with the reason:
 
+* a compressed update the server could not read back (its decompression filter marked it with
+  :data:`~fedfms.fl.filters.compression.PAYLOAD_ERROR`: missing block scales, wrong metadata);
 * keys: exactly those of the global model sent this round. A key the model has but does not
   exchange is *frozen* (a site must not overwrite it); a key the model does not have is *unknown*;
   a key that did not come back is *missing*, unless the sites' privacy filter excludes it;
@@ -33,6 +35,8 @@ import torch
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from fedfms.fl.filters.compression import PAYLOAD_ERROR
 
 
 def _tensor(value) -> torch.Tensor:
@@ -94,6 +98,9 @@ class UpdateValidator(FLComponent):
 
     def check(self, site: str, update: FLModel) -> str | None:
         """Why ``update`` must be rejected, or None when it may be aggregated."""
+        payload_error = (update.meta or {}).get(PAYLOAD_ERROR)
+        if payload_error:
+            return f"compressed payload cannot be read back: {payload_error}"
         reason = self._check_keys(update.params or {}) or self._check_tensors(update.params) or self._check_weight(site, update.meta or {})
         if reason:
             return reason

@@ -28,6 +28,8 @@ DIRECTIONS = ("down", "up")
 
 def serialised_bytes(shareable: Shareable) -> int:
     """Bytes of ``shareable`` as FOBS serialises it."""
+    fobs.register(TensorDecomposer)  # a payload holds torch tensors (sites) or NumPy arrays (the server's persistor)
+    fobs.register(NumpyArrayDecomposer)
     return len(fobs.dumps(shareable))
 
 
@@ -43,8 +45,6 @@ class WireBytes(Filter):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         self.direction = direction
-        fobs.register(TensorDecomposer)  # a payload holds torch tensors (sites) or NumPy arrays (the server's persistor)
-        fobs.register(NumpyArrayDecomposer)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         size = serialised_bytes(shareable)

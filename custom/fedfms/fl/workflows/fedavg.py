@@ -14,7 +14,9 @@ the events the model selector and TensorBoard receiver listen to) and changes th
 * every update goes through the :class:`~fedfms.fl.checks.updates.UpdateValidator` as it arrives,
   so a bad one is refused whole, whatever the order of arrival; when the round's task ends, the
   updates that passed are compared with each other (change norm against the median of the
-  others') and, with ``clip_change_norm``, each change is scaled down to that norm;
+  others') and, with ``clip_change_norm``, each change is scaled down to that norm; weight changes
+  (sites that send ``WEIGHT_DIFF``) become weights (global model + change) for an aggregator that
+  averages weights (``needs_full_params``, e.g. LoRA-SVD);
 * the accepted updates are added when the round's task ends, in the order of the site names, so
   the global model does not depend on the order the sites answered in (the simulator's thread
   count, the sites' speeds): floating-point sums depend on their order;
@@ -242,7 +244,7 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
             self._record(site, "rejected", reason, self._passed.pop(site))
         for site in sorted(self._passed):
             update, note = self._clipped(self._passed.pop(site), norms[site])
-            self._accepted[site] = update
+            self._accepted[site] = self._as_weights(update) if getattr(self.aggregator, "needs_full_params", False) else update
             self.validator.remember(site, update)
             weight = (update.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND) if getattr(self.aggregator, "weighted", True) else None
             self._record(site, "accepted", note, update, change_norm=norms[site], weight=weight)
@@ -258,6 +260,17 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
                 base = torch.zeros_like(value) if update.params_type == ParamsType.DIFF else reference[key].to(value.dtype)
                 update.params[key] = base + (value - base) * scale
         return update, f"change clipped from norm {norm:.4g} to {self.clip_change_norm:g} (clip_change_norm)"
+
+    def _as_weights(self, update: FLModel) -> FLModel:
+        """A weight change as the weights it makes (the round's global model plus the change), for aggregators that average weights."""
+        if update.params_type != ParamsType.DIFF:
+            return update
+        reference = self.validator.reference
+        params = {}
+        for key, value in update.params.items():
+            value = torch.as_tensor(value)
+            params[key] = reference[key].to(value.dtype) + value if key in reference and value.is_floating_point() else value
+        return FLModel(params=params, params_type=ParamsType.FULL, meta=update.meta, metrics=update.metrics)
 
     def _aggregated(self, model: FLModel) -> FLModel:
         for site in sorted(self._accepted):  # FedAvg's own aggregation (or the configured aggregator), in a fixed order
