@@ -37,3 +37,12 @@ def test_synth_bad_arguments(tmp_path):
     assert result.returncode == 2 and "9" in result.stderr
     result = _run("synth", "prostate", "--out", str(tmp_path), "--sites", "RUNMC", "Mars")
     assert result.returncode == 2 and "Mars" in result.stderr
+
+
+def test_job_compress_choices_are_the_filters_modes():
+    """The CLI lists the modes without importing torch at start-up; they must stay those the filters know."""
+    from fedfms.cli import build_parser
+    from fedfms.fl.filters.compression import MODES
+
+    job = build_parser()._subparsers._group_actions[0].choices["job"]
+    assert next(a for a in job._actions if a.dest == "compress").choices == MODES

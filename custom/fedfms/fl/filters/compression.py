@@ -25,6 +25,7 @@ tensor for the casts): half the widest gap of the mode's code book.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -37,7 +38,6 @@ from nvflare.apis.shareable import Shareable
 
 MODES = ("fp16", "bf16", "blockwise8", "nf4", "fp4")
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
-FOUR_BIT = ("nf4", "fp4")
 BLOCKWISE8_BLOCK = 4096  # bitsandbytes' default block of quantize_blockwise
 FOUR_BIT_BLOCK = 64  # and of quantize_4bit
 STATE = "fedfms_compression"  # DXO meta: {"mode": ..., "tensors": {key: {"dtype", "shape", "numpy", "absmax"}}}
@@ -65,7 +65,9 @@ def error_bound(mode: str) -> float:
     return float((code.sort().values.diff().max() / code.abs().max()) / 2)
 
 
+@functools.cache
 def _code_book(mode: str) -> torch.Tensor:
+    """The mode's code book (bitsandbytes'): the same for every tensor, so made once."""
     import bitsandbytes.functional as bnb  # imported on first use: it reports its backends at import
 
     return bnb.create_dynamic_map() if mode == "blockwise8" else bnb.get_4bit_type(mode, device="cpu")
@@ -130,15 +132,7 @@ def _dequantize(key: str, value, entry, mode: str):
         raise PayloadError(f"key {key}: a {mode} payload holds {_EXPECTED[mode]} values, this one {value.dtype}")
     shape = tuple(int(n) for n in entry["shape"])
     numel = math.prod(shape)
-    if mode in CASTS:
-        restored = value
-    else:
-        try:
-            restored = _from_blocks(key, value, entry.get("absmax"), mode, numel)
-        except PayloadError:
-            raise
-        except (RuntimeError, ValueError) as e:  # what the codec itself finds wrong
-            raise PayloadError(f"key {key}: cannot decode the {mode} codes: {e}") from e
+    restored = value if mode in CASTS else _from_blocks(key, value, entry.get("absmax"), mode, numel)
     if restored.numel() != numel:
         raise PayloadError(f"key {key}: {restored.numel()} values for the shape {list(shape)} in the compression state")
     restored = restored.reshape(shape).to(_DTYPES[entry["dtype"]])
@@ -154,15 +148,17 @@ def _from_blocks(key: str, value: torch.Tensor, absmax, mode: str, numel: int) -
     blocks = math.ceil(numel / _block(mode))
     if absmax.shape != (blocks,) or not torch.isfinite(absmax).all():
         raise PayloadError(f"key {key}: {tuple(absmax.shape)} block scales (absmax), {blocks} finite ones expected for {numel} values")
-    if mode == "blockwise8":
-        if value.numel() != numel:
-            raise PayloadError(f"key {key}: {value.numel()} 8-bit codes for {numel} values")
-        return bnb.dequantize_blockwise(value.reshape(-1), absmax=absmax, code=bnb.create_dynamic_map(), blocksize=BLOCKWISE8_BLOCK)
-    if value.numel() != (numel + 1) // 2:
-        raise PayloadError(f"key {key}: {value.numel()} bytes of 4-bit codes for {numel} values")
-    state = bnb.QuantState(absmax=absmax, shape=torch.Size([numel]), code=bnb.get_4bit_type(mode, device="cpu"),
-                           blocksize=FOUR_BIT_BLOCK, quant_type=mode, dtype=torch.float32)
-    return bnb.dequantize_4bit(value.reshape(-1, 1), quant_state=state)
+    codes = numel if mode == "blockwise8" else (numel + 1) // 2  # 4-bit: two codes a byte
+    if value.numel() != codes:
+        raise PayloadError(f"key {key}: {value.numel()} bytes of {mode} codes for {numel} values")
+    try:
+        if mode == "blockwise8":
+            return bnb.dequantize_blockwise(value.reshape(-1), absmax=absmax, code=_code_book(mode), blocksize=BLOCKWISE8_BLOCK)
+        state = bnb.QuantState(absmax=absmax, shape=torch.Size([numel]), code=_code_book(mode), blocksize=FOUR_BIT_BLOCK,
+                               quant_type=mode, dtype=torch.float32)
+        return bnb.dequantize_4bit(value.reshape(-1, 1), quant_state=state)
+    except (RuntimeError, ValueError) as e:  # what the codec itself finds wrong
+        raise PayloadError(f"key {key}: cannot decode the {mode} codes: {e}") from e
 
 
 class CompressWeights(DXOFilter):

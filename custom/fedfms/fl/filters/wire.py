@@ -24,12 +24,12 @@ DOWN_HEADER = "fedfms_wire_bytes_down"  # the global model the site received
 UP_HEADER = "fedfms_wire_bytes_up"  # the update the site sent
 _DOWN_PROP = "fedfms_wire_bytes_down"  # carried from the task-data filter to the result filter of the same task
 DIRECTIONS = ("down", "up")
+fobs.register(TensorDecomposer)  # a payload holds torch tensors (sites) or NumPy arrays (the server's persistor)
+fobs.register(NumpyArrayDecomposer)
 
 
 def serialised_bytes(shareable: Shareable) -> int:
     """Bytes of ``shareable`` as FOBS serialises it."""
-    fobs.register(TensorDecomposer)  # a payload holds torch tensors (sites) or NumPy arrays (the server's persistor)
-    fobs.register(NumpyArrayDecomposer)
     return len(fobs.dumps(shareable))
 
 
