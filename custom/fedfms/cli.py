@@ -333,6 +333,15 @@ def _add_job(commands: argparse._SubParsersAction) -> None:
                       help="the train exchange, both ways: 16-bit casts, 8-bit blockwise or 4-bit NormalFloat/FloatingPoint codes (bitsandbytes, on CPU); default: fp32 as it is")
     wire.add_argument("--compress-full-weights", action="store_true",
                       help="compressed updates carry the weights (default: the round's change, so the sites' error on the global model does not reach the server)")
+    algo = p.add_argument_group("federated algorithm")
+    algo.add_argument("--algorithm", choices=("fedavg", "fedprox", "fedopt", "scaffold", "ditto"),
+                      help="how the server and the sites federate (default fedavg; fedopt and scaffold are refused with LoRA-SVD aggregation)")
+    algo.add_argument("--fedprox-mu", type=float, help="fedprox: weight of the sites' proximal term mu/2 ||w - w_global||^2 (default 0.01)")
+    algo.add_argument("--server-optimizer", help="fedopt: sgd (FedAvgM with momentum), adam (FedAdam) or yogi (FedYogi) (default sgd)")
+    algo.add_argument("--server-lr", type=float, help="fedopt: the server learning rate on the sites' mean change (default 1)")
+    algo.add_argument("--server-momentum", type=float, help="fedopt: SGD's momentum, Adam's and Yogi's beta1 (default 0.9)")
+    algo.add_argument("--ditto-lambda", type=float, help="ditto: weight of each personal model's distance to the global model (default 0.1)")
+    algo.add_argument("--patience", type=int, help="end the rounds once the mean validation Dice of the global model has not improved for this many rounds")
     robust = p.add_argument_group("silent and hostile sites")
     robust.add_argument("--wait-after-min-received", type=int, metavar="SECONDS",
                         help="seconds the other sites get once min_clients have answered: what a hung site costs per round (jobs: 60; paper profile: 3600)")

@@ -73,6 +73,13 @@ def exchanged(network, norm_statistics: str = "global") -> set[str]:
     return set(exchanged_keys(network, norm_statistics))
 
 
+def aliases(network, keys: set[str]) -> set[str]:
+    """The other state-dict names of the tensors ``keys`` name (a module registered twice, as DynUNet's ``skip_layers``)."""
+    state = network.state_dict(keep_vars=True)
+    pointers = {state[k].data_ptr() for k in keys}
+    return {k for k, v in state.items() if v.data_ptr() in pointers} - keys
+
+
 def exchanged_bytes(network, norm_statistics: str = "global") -> int:
     state, keys = network.state_dict(), exchanged(network, norm_statistics)
     return sum(state[k].numel() * state[k].element_size() for k in keys)
@@ -93,7 +100,7 @@ def check_federated_run(run, rounds: list[int], sites: list[str], norm_statistic
     assert f"global model: {len(travelling)} exchanged of {len(initial.state_dict())} tensors ({norm_statistics} normalisation statistics)" in run.log
     saved = torch.load(run.app / "FL_global_model.pt", weights_only=False)
     changed = {k for k, v in initial.state_dict().items() if not torch.equal(torch.as_tensor(saved["model"][k]), v)}
-    assert changed and changed <= travelling  # frozen weights never moved; trained ones did
+    assert changed and changed <= travelling | aliases(initial, travelling)  # frozen weights never moved; trained ones did
     assert saved["meta_props"]["completed_rounds"] == rounds[-1] + 1
     folder = run.data / run.datalist_dir
     samples = {site: len(json.loads((folder / f"{site_datalist(site, folder)}.json").read_text())["training"]) for site in sites}

@@ -441,3 +441,61 @@ def test_rank_options_are_refused_where_they_cannot_apply(job, options, error, t
 def test_rank_flags_of_the_job_command(tmp_path):
     assert main(["job", "flapsam_prostate", "--out", str(tmp_path / "r16"), "--lora-rank", "16", "--svd-rank", "8"]) == 0
     assert json.loads((tmp_path / "r16/meta.json").read_text())["fedfms_job_options"] == {"lora_rank": 16, "svd_rank": 8}
+
+
+def _fedavg_workflow(server: dict) -> dict:
+    return next(w for w in server["workflows"] if w["id"] == "fedavg")
+
+
+def test_algorithms_set_the_server_workflow_and_what_the_sites_add(tmp_path):
+    def job(name: str, **options) -> tuple[dict, dict, dict]:
+        client, server = _configs(configure_job(REPO / "jobs/fedmsa_prostate", tmp_path / name, JobOptions(**options)))
+        return bundle_args(client)[0], _fedavg_workflow(server), json.loads((tmp_path / name / "meta.json").read_text())["fedfms_job_options"]
+
+    learner, workflow, recorded = job("prox", algorithm="fedprox", fedprox_mu=0.5, patience=3)
+    assert workflow["path"].endswith("ResumableFedAvg") and workflow["args"]["fedprox_mu"] == 0.5 and workflow["args"]["patience"] == 3
+    assert recorded == {"algorithm": "fedprox", "fedprox_mu": 0.5, "patience": 3}
+    learner, workflow, _ = job("opt", algorithm="fedopt", server_optimizer="yogi", server_lr=0.03, server_momentum=0.5)
+    assert workflow["path"] == "fedfms.fl.workflows.fedopt.ResumableFedOpt" and learner["send_weight_diff"] is True
+    assert workflow["args"]["optimizer"] == "fedfms.fl.workflows.fedopt.Yogi"
+    assert workflow["args"]["optimizer_args"] == {"lr": 0.03, "betas": [0.5, 0.99], "eps": 1e-3}
+    _, workflow, _ = job("avgm", algorithm="fedopt")  # default: FedAvgM
+    assert (workflow["args"]["optimizer"], workflow["args"]["optimizer_args"]) == ("torch.optim.SGD", {"lr": 1.0, "momentum": 0.9})
+    learner, workflow, _ = job("scaffold", algorithm="scaffold")
+    assert workflow["path"] == "fedfms.fl.workflows.scaffold.ResumableScaffold" and "send_weight_diff" not in learner
+    learner, workflow, _ = job("ditto", algorithm="ditto")
+    assert learner["ditto_lambda"] == 0.1 and workflow["path"].endswith("ResumableFedAvg")
+    # FLAP-SAM's LoRA-SVD aggregation serves the algorithms that keep its weighted mean of products.
+    for algorithm in ("fedprox", "ditto"):
+        configure_job(REPO / "jobs/flapsam_prostate", tmp_path / f"flap_{algorithm}", JobOptions(algorithm=algorithm))
+
+
+@pytest.mark.parametrize("job, options, message", [
+    ("fedmsa_prostate", {"algorithm": "fedsgd"}, "unknown --algorithm 'fedsgd'; choose from fedavg, fedprox, fedopt, scaffold, ditto"),
+    ("fedmsa_prostate", {"algorithm": "fedprox", "fedprox_mu": -0.1}, "--fedprox-mu must be a finite number >= 0, got -0.1"),
+    ("fedmsa_prostate", {"fedprox_mu": 0.1}, "--fedprox-mu applies to --algorithm fedprox; this job's algorithm is fedavg"),
+    ("fedmsa_prostate", {"algorithm": "fedopt", "server_optimizer": "rmsprop"}, "unknown --server-optimizer 'rmsprop'; choose from sgd, adam, yogi"),
+    ("fedmsa_prostate", {"algorithm": "fedopt", "server_lr": 0}, "--server-lr must be positive, got 0"),
+    ("fedmsa_prostate", {"algorithm": "fedopt", "server_momentum": 1.0}, "--server-momentum must be in [0, 1), got 1.0"),
+    ("fedmsa_prostate", {"algorithm": "fedprox", "server_lr": 0.1}, "--server-lr applies to --algorithm fedopt; this job's algorithm is fedprox"),
+    ("fedmsa_prostate", {"algorithm": "ditto", "ditto_lambda": float("nan")}, "--ditto-lambda must be a finite number >= 0, got nan"),
+    ("fedmsa_prostate", {"patience": 0}, "--patience must be >= 1 round, got 0"),
+    ("flapsam_prostate", {"algorithm": "scaffold"}, "--algorithm scaffold cannot serve this job's LoRA strategy: its LoRA-SVD aggregation"),
+    ("flapsam_prostate", {"algorithm": "fedopt"}, "--algorithm fedopt cannot serve this job's LoRA strategy"),
+    ("fedmsa_prostate", {"algorithm": "scaffold", "percentile_privacy": 10}, "--algorithm scaffold sends control changes beside the weights"),
+    ("fedmsa_prostate", {"algorithm": "scaffold", "aggregation": "median"}, "--aggregation median would average the weights another way"),
+])
+def test_algorithm_settings_that_cannot_apply_are_refused_naming_the_option(job, options, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        configure_job(REPO / "jobs" / job, tmp_path / "job", JobOptions(**options))
+    assert not (tmp_path / "job").exists()
+
+
+def test_algorithm_flags_of_the_job_command(tmp_path, capsys):
+    out = tmp_path / "job"
+    assert main(["job", "fedmsa_prostate", "--out", str(out), "--algorithm", "fedopt", "--server-optimizer", "adam", "--server-lr", "0.01",
+                 "--server-momentum", "0.8", "--patience", "2"]) == 0
+    workflow = _fedavg_workflow(_configs(out)[1])
+    assert workflow["args"]["optimizer"] == "torch.optim.Adam" and workflow["args"]["patience"] == 2
+    assert main(["job", "fedmsa_prostate", "--out", str(tmp_path / "bad"), "--algorithm", "fedprox", "--fedprox-mu", "-1"]) == 2
+    assert "--fedprox-mu must be a finite number >= 0" in capsys.readouterr().err

@@ -156,6 +156,14 @@ def test_fednnunet_with_local_normalisation_layers_fedbn(fl_data, tmp_path):
     assert norm_keys and not norm_keys & exchanged(initial, "local")  # instance-norm layers stay at the sites
     final = {r["site"]: r for r in json.loads((run.app / "final_test.json").read_text())}
     assert all("FedBN" in final[s]["note"] for s in ("site-1", "site-2"))
+    # The site rows score the global model as saved (its normalisation layers as they started) ...
+    scores = evaluate_checkpoint(run.bundle, ["train.json", "cpu_demo.json"], run.app / "FL_global_model.pt", tmp_path / "eval",
+                                 dataset_dir=str(run.data), datalist_dir=run.datalist_dir, sites=site_datalist("site-1", run.data / run.datalist_dir))
+    assert scores["dice_2d"] == pytest.approx(final["site-1"]["dice_2d"], abs=1e-6)
+    # ... and the personalised rows the same weights with each site's own layers, kept at the site under the run's id.
+    assert all(final[f"personalised:{s}"]["note"] == "the global weights with the site's own normalisation layers (FedBN)" for s in ("site-1", "site-2"))
+    assert final["personalised:average"]["note"] == "2 of 2 sites"
+    assert len(list(run.workspace.glob("site-*/fedfms_site_state/*/fedbn_local_layers.pt"))) == 2
 
 
 def test_leave_one_site_out_unseen_site_only_evaluates(fl_data, tmp_path):

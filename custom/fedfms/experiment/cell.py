@@ -38,7 +38,7 @@ from statistics import fmean
 import numpy as np
 
 from fedfms.errors import DataError
-from fedfms.fl.report import row_status
+from fedfms.fl.report import FINISHED, row_status
 from fedfms.io import atomic_write, load_json, save_json
 
 CELL_FILE = "cell.json"
@@ -221,7 +221,7 @@ def federated_rows(app: Path, code: int, sites: list[str], unseen: str | None) -
     if not status_file.is_file():
         raise RuntimeError(f"the federated run stopped before FedAvg ended (no {status_file}; nvflare simulator exited with {code}); see the log")
     status = load_json(status_file)
-    if status.get("status") != "completed":
+    if status.get("status") not in FINISHED:
         raise RuntimeError(f"the federated run did not complete: {status.get('status')}: {status.get('reason') or ''} ({status_file})")
     if not final_file.is_file():
         raise RuntimeError(f"no final test table {final_file}: the run did not reach its final evaluation (nvflare simulator exited with {code})")

@@ -22,6 +22,8 @@ from torch.nn.modules.batchnorm import _NormBase
 
 NORM_STATISTICS = ("global", "local")
 RUNNING_STATISTICS = ("running_mean", "running_var")
+#: Key of every task's meta: the id of the federated run (the first of a resumed chain), under which sites keep their own state.
+RUN_ID = "fedfms_run_id"
 
 
 def exchanged_keys(network: nn.Module, norm_statistics: str = "global") -> list[str]:
@@ -39,3 +41,11 @@ def exchanged_keys(network: nn.Module, norm_statistics: str = "global") -> list[
             keys |= {f"{prefix}.{s}" for s in RUNNING_STATISTICS if getattr(layer, s, None) is not None}
     keys |= trainable
     return [k for k in network.state_dict() if k in keys]
+
+
+def local_keys(network: nn.Module, norm_statistics: str = "global") -> list[str]:
+    """The state-dict keys a site keeps for itself: under FedBN (``local``), those of its trainable normalisation layers."""
+    if norm_statistics != "local":
+        return []
+    kept = set(exchanged_keys(network, "global")) - set(exchanged_keys(network, "local"))
+    return [k for k in network.state_dict() if k in kept]

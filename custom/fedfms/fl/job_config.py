@@ -35,6 +35,17 @@ update as the round's change (``WEIGHT_DIFF``; the sites' own dequantisation err
 model then does not reach the server), or as weights with ``--compress-full-weights``. The server
 decompresses before its update checks and aggregation; a payload it cannot read is refused.
 
+``--algorithm`` chooses how the server and the sites federate (:data:`ALGORITHMS`): ``fedavg``
+(the jobs' own), ``fedprox`` (``--fedprox-mu``: the sites' proximal term), ``fedopt`` (a server
+optimiser on the mean change: ``--server-optimizer sgd|adam|yogi``, ``--server-lr``,
+``--server-momentum``; SGD with momentum is FedAvgM), ``scaffold`` (control variates) or ``ditto``
+(``--ditto-lambda``: each site also trains a personal model, scored in the final evaluation).
+FedOpt and SCAFFOLD need FedAvg's weighted mean of the exchanged tensors, so they are refused
+with LoRA-SVD aggregation (FLAP-SAM and the LoRA baselines: the SVD re-factorisation picks a new
+basis each round) and SCAFFOLD with robust aggregation or privacy filters (its control changes
+travel beside the weights, untouched by NVFlare's filters). ``--patience N`` ends the rounds once
+the mean validation Dice of the global model has not improved for N rounds.
+
 A resumed run (``--resume-from``) must be of the same job: the same network (every key and
 shape of the saved global model) and the same server workflows; anything else is refused here,
 before any work.
@@ -63,6 +74,7 @@ from fedfms.fl.exchange import NORM_STATISTICS
 from fedfms.fl.persistors.trainable import read_resume_model, resume_folder
 from fedfms.fl.aggregators.robust import check_combine
 from fedfms.fl.filters.compression import MODES as COMPRESSION_MODES
+from fedfms.fl.workflows.fedopt import SERVER_OPTIMIZERS, server_optimizer_args
 from fedfms.paths import find_job
 
 PROFILES = ("cpu_demo", "paper")
@@ -82,6 +94,9 @@ EXCLUDE_VARS = "nvflare.app_common.filters.exclude_vars.ExcludeVars"
 PERCENTILE_PRIVACY = "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy"
 COMPRESS = "fedfms.fl.filters.compression.CompressWeights"
 DECOMPRESS = "fedfms.fl.filters.compression.DecompressWeights"
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "scaffold", "ditto")
+WORKFLOWS = {"fedopt": "fedfms.fl.workflows.fedopt.ResumableFedOpt", "scaffold": "fedfms.fl.workflows.scaffold.ResumableScaffold"}
+DEFAULT_FEDPROX_MU, DEFAULT_DITTO_LAMBDA = 0.01, 0.1  # NVFlare's examples' values
 
 
 @dataclass
@@ -119,6 +134,13 @@ class JobOptions:
     svd_rank: int | None = None  # LoRA-SVD aggregation: rank of the re-factorised averaged products (default: the LoRA rank)
     compress: str | None = None  # the train exchange, both ways: fp16, bf16, blockwise8, nf4 or fp4 (None: as it is, fp32)
     compress_full_weights: bool = False  # compressed updates carry the weights, not the round's change
+    algorithm: str | None = None  # fedavg (the job's), fedprox, fedopt, scaffold or ditto
+    fedprox_mu: float | None = None  # fedprox: weight of the proximal term (default 0.01)
+    server_optimizer: str | None = None  # fedopt: sgd (FedAvgM with momentum), adam (FedAdam) or yogi (FedYogi); default sgd
+    server_lr: float | None = None  # fedopt: the server learning rate (default 1)
+    server_momentum: float | None = None  # fedopt: SGD's momentum, Adam's and Yogi's beta1 (default 0.9)
+    ditto_lambda: float | None = None  # ditto: weight of the personal model's distance to the global one (default 0.1)
+    patience: int | None = None  # end the rounds after this many without a better mean validation Dice
 
     def __post_init__(self) -> None:
         if self.profile not in (None, *PROFILES):
@@ -171,8 +193,38 @@ class JobOptions:
             raise ValueError("--compress-full-weights applies to a compressed exchange; add --compress MODE")
         if self.compress_full_weights and self.percentile_privacy is not None:
             raise ValueError("percentile privacy shares only weight changes; --compress-full-weights would send the weights themselves")
+        self._check_algorithm()
         if self.aggregation is not None or self.trim_fraction is not None:
             check_combine(self.aggregation or "trimmed_mean", 0.2 if self.trim_fraction is None else self.trim_fraction)
+
+
+    def _check_algorithm(self) -> None:
+        """The algorithm's own options, named when they do not apply or are out of range."""
+        if self.algorithm not in (None, *ALGORITHMS):
+            raise ValueError(f"unknown --algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+        owners = {"fedprox_mu": "fedprox", "server_optimizer": "fedopt", "server_lr": "fedopt", "server_momentum": "fedopt", "ditto_lambda": "ditto"}
+        for name, owner in owners.items():
+            if getattr(self, name) is not None and self.algorithm != owner:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --algorithm {owner}; this job's algorithm is {self.algorithm or 'fedavg'}")
+        for name in ("fedprox_mu", "ditto_lambda"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and value < float("inf")):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.server_optimizer is not None and self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown --server-optimizer {self.server_optimizer!r}; choose from {', '.join(SERVER_OPTIMIZERS)}")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise ValueError(f"--server-lr must be positive, got {self.server_lr}")
+        if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
+            raise ValueError(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"--patience must be >= 1 round, got {self.patience}")
+        if self.algorithm == "scaffold":
+            if self.exclude_vars or self.percentile_privacy is not None:
+                raise ValueError("--algorithm scaffold sends control changes beside the weights, where NVFlare's privacy filters "
+                                 "(--exclude-vars, --percentile-privacy) do not reach; they would leak what the filter hides")
+            if self.aggregation not in (None, "mean") or self.trim_fraction is not None:
+                raise ValueError(f"--algorithm scaffold moves its control variates by the weighted mean of the sites'; "
+                                 f"--aggregation {self.aggregation or 'trimmed_mean'} would average the weights another way")
 
 
 def bundle_args(config: dict) -> list[dict]:
@@ -293,6 +345,7 @@ def configure(client: dict, server: dict, options: JobOptions) -> None:
         _component(server, fedavg.get("persistor_id", "persistor"))["args"]["norm_statistics"] = options.norm_statistics
     _set_privacy(client, server, learner, options)
     _set_compression(client, server, learner, options)
+    _set_algorithm(server, learner, options)
     if options.resume_from:
         check_resume(server, options.resume_from)
         for component_id in RESUMING_COMPONENTS:
@@ -321,6 +374,29 @@ def check_resume(server: dict, resume_from: str) -> None:
         problems += [f"{len(extra)} keys this job's network does not have, e.g. {extra[0]}"] if extra else []
         problems += [f"{len(shapes)} shapes differ, e.g. {shapes[0]}"] if shapes else []
         raise DataError(resume_from, f"holds a global model of another network ({'; '.join(problems)}); resume a run of the same job and model options")
+
+
+def _set_algorithm(server: dict, learner: dict, options: JobOptions) -> None:
+    """The federated algorithm: the server workflow's class and arguments, and what the sites add."""
+    workflow = next(w for w in server["workflows"] if w["path"].endswith("ResumableFedAvg"))
+    if options.patience is not None:
+        workflow["args"]["patience"] = options.patience
+    algorithm = options.algorithm or "fedavg"
+    lora_svd = (workflow["args"].get("aggregator") or {}).get("path", "").endswith(LORA_SVD)
+    if algorithm in ("fedopt", "scaffold") and lora_svd:
+        raise ValueError(f"--algorithm {algorithm} cannot serve this job's LoRA strategy: its LoRA-SVD aggregation re-factorises the averaged "
+                         f"products, so the LoRA factors change basis every round; use fedavg, fedprox or ditto, or a strategy without LoRA")
+    if algorithm == "fedprox":
+        workflow["args"]["fedprox_mu"] = DEFAULT_FEDPROX_MU if options.fedprox_mu is None else options.fedprox_mu
+    elif algorithm == "ditto":
+        learner["ditto_lambda"] = DEFAULT_DITTO_LAMBDA if options.ditto_lambda is None else options.ditto_lambda
+    elif algorithm in WORKFLOWS:
+        workflow["path"] = WORKFLOWS[algorithm]
+    if algorithm == "fedopt":
+        momentum = 0.9 if options.server_momentum is None else options.server_momentum
+        lr = 1.0 if options.server_lr is None else options.server_lr
+        workflow["args"].update(server_optimizer_args(options.server_optimizer or "sgd", lr, momentum))
+        learner["send_weight_diff"] = True  # the server optimiser steps on the mean change
 
 
 def _set_lora(learner: dict, fedavg: dict, options: JobOptions) -> None:

@@ -20,6 +20,7 @@ SERVER_APP = Path("server", "simulate_job", "app_server")  # in a simulator work
 DOWNLOADED_APP = Path("workspace", "app_server")  # in a downloaded job result
 PRESTAGE = "prestage.json"  # written by fedfms.fl.workflows.fminit.FMInstructedInit
 RUN_STATUS = "run_status.json"  # written by fedfms.fl.widgets.recorder.ContributionRecorder
+FINISHED = ("completed", "stopped_early")  # how a run that did its work ends: every round, or early on purpose (patience)
 FINAL_TEST = "final_test.json"
 STATUS_ORDER = ("accepted", "rejected", "failed", "timed_out", "lost", "late")
 # Validation is the bundles' dice_metric: MONAI MeanDice with its default ignore_empty=True.
@@ -124,7 +125,7 @@ def run_status_line(folder: Path) -> str:
     if not (folder / RUN_STATUS).is_file():
         return "run: no run_status.json: the server stopped before FedAvg ended (see the server log)"
     status = load_json(folder / RUN_STATUS)
-    words = {"completed": "completed", "ended_early": "ENDED EARLY", "aborted": "ABORTED"}
+    words = {"completed": "completed", "stopped_early": "stopped early", "ended_early": "ENDED EARLY", "aborted": "ABORTED"}
     return f"run {words.get(status['status'], status['status'])}: {status.get('reason') or ''}".rstrip(": ")
 
 

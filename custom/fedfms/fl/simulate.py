@@ -111,7 +111,7 @@ class Judgement:
 def judge(workspace: str | os.PathLike, png: str | os.PathLike | None = None, since: float | None = None) -> Judgement:
     """Judge a run by its records, as ``fedfms report`` reads them; ``since``: records older than this
     (a time stamp) belong to an earlier run."""
-    from fedfms.fl.report import FINAL_COLUMNS, FINAL_TEST, RUN_STATUS, SERVER_APP, IncompleteRun, report, server_app_dir
+    from fedfms.fl.report import FINAL_COLUMNS, FINAL_TEST, FINISHED, RUN_STATUS, SERVER_APP, IncompleteRun, report, server_app_dir
     from fedfms.io import load_json
 
     try:
@@ -128,7 +128,7 @@ def judge(workspace: str | os.PathLike, png: str | os.PathLike | None = None, si
     if not (folder / RUN_STATUS).is_file():
         return Judgement(text, f"no {RUN_STATUS}: the server stopped before FedAvg ended (see the log)")
     status = load_json(folder / RUN_STATUS)
-    if status.get("status") != "completed":
+    if status.get("status") not in FINISHED:
         return Judgement(text, f"the run {str(status.get('status')).replace('_', ' ')}: {status.get('reason') or 'no reason recorded'}")
     if not (folder / FINAL_TEST).is_file():
         return Judgement(text, f"no final test table ({folder / FINAL_TEST}): the run did not reach its final evaluation")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants
 
 from fedfms.fl.checks.updates import UpdateValidator
 
@@ -104,3 +105,30 @@ def test_the_first_sample_counts_survive_a_restart():
 def test_bounds_must_make_sense(options):
     with pytest.raises(ValueError):
         UpdateValidator(**options)
+
+
+def _with_controls(controls) -> FLModel:
+    update = _update()
+    if controls is not None:
+        update.meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = controls
+    return update
+
+
+CONTROLS = {"a.weight": np.zeros((2, 3), np.float32)}  # SCAFFOLD: the trainable weights (b.bias a statistic here)
+
+
+@pytest.mark.parametrize("controls, reason", [
+    (CONTROLS, None),
+    (None, "no SCAFFOLD control change in the update's meta"),
+    ({}, "SCAFFOLD control change: 1 keys differ from the controlled weights, e.g. a.weight"),
+    ({**CONTROLS, "b.bias": np.zeros(3, np.float32)}, "1 keys differ from the controlled weights, e.g. b.bias"),
+    ({"a.weight": np.zeros((3, 2), np.float32)}, "SCAFFOLD control change of a.weight: shape (3, 2), the weight's is (2, 3)"),
+    ({"a.weight": np.full((2, 3), np.nan, np.float32)}, "SCAFFOLD control change of a.weight: values that are not finite"),
+    ({"a.weight": np.full((2, 3), 1e6, np.float32)}, "SCAFFOLD control change of a.weight: a value of magnitude 1e+06, above the bound 10000"),
+])
+def test_scaffold_control_changes_are_checked_like_the_weights(controls, reason):
+    validator = _validator()
+    validator.expect_controls({k: v.shape for k, v in CONTROLS.items()})
+    found = validator.check("site-1", _with_controls(controls))
+    assert found == reason if reason is None else reason in found
+    assert _validator().check("site-1", _with_controls(None)) is None  # without SCAFFOLD no controls are asked for

@@ -84,3 +84,26 @@ def test_resume_from_an_earlier_app_folder_carries_its_best_model(tmp_path):
     persistor.load_model(_started(persistor, tmp_path / "app"))
     best = torch.load(tmp_path / "app" / "best_FL_global_model.pt", weights_only=True)["model"]
     assert all(torch.equal(best[k], v) for k, v in _network(2).state_dict().items())
+
+
+class _Shared(nn.Module):
+    """A layer registered under two names, as DynUNet's ``skip_layers`` holds its down-sampling blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(2, 2)
+        self.alias = self.block
+
+
+def test_every_name_of_a_shared_tensor_is_saved_with_the_new_value(tmp_path):
+    persistor = TrainableModelPersistor(model=_Shared())
+    fl_ctx = _started(persistor, tmp_path)
+    weights = persistor.load_model(fl_ctx)[ModelLearnableKey.WEIGHTS]
+    assert set(weights) == {"block.weight", "block.bias"}  # one name travels
+    update = {k: torch.full(v.shape, 3.0) for k, v in weights.items()}
+    persistor.save_model(make_model_learnable(update, {}), fl_ctx)
+    saved = torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["model"]
+    assert torch.equal(saved["alias.weight"], torch.full((2, 2), 3.0))  # loading the file cannot bring the old value back
+    loaded = _Shared()
+    loaded.load_state_dict(saved)
+    assert torch.equal(loaded.block.weight, torch.full((2, 2), 3.0))

@@ -18,6 +18,9 @@ update is rejected whole, with the reason:
   ``max_change_ratio`` times the median change of the other sites in the same round (checked by
   :meth:`UpdateValidator.check_round` once the round's updates are in: the first checks cannot
   know the others);
+* under SCAFFOLD (:meth:`UpdateValidator.expect_controls`), the change of the site's control
+  variates in the update's meta has exactly the controlled keys, their shapes, only finite values
+  and none above ``max_abs_value``;
 * the sample count (FedAvg's weight) is a finite number > 0, not above ``max_samples``, and not
   above the count the site reported in its first accepted update: a site's data does not grow
   during a run, so a jump is a bug or an attack on the average.
@@ -35,6 +38,7 @@ import torch
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants
 
 from fedfms.fl.filters.compression import PAYLOAD_ERROR
 
@@ -88,6 +92,11 @@ class UpdateValidator(FLComponent):
         self.model_keys: set[str] = set()
         self.first_counts: dict[str, float] = {}
         self.round_norms: dict[str, float] = {}  # this round: site -> change norm of its update, once it passed the other checks
+        self.control_shapes: dict[str, tuple[int, ...]] = {}  # SCAFFOLD: the keys and shapes of the control changes
+
+    def expect_controls(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Updates must carry SCAFFOLD control changes of these keys and shapes (after :meth:`expect`, every round)."""
+        self.control_shapes = {k: tuple(v) for k, v in shapes.items()}
 
     def expect(self, global_params: Mapping, model_keys: Iterable[str]) -> None:
         """The round's global model (what updates must match, and what their change is measured from) and every key of the full model."""
@@ -102,6 +111,7 @@ class UpdateValidator(FLComponent):
         if payload_error:
             return f"compressed payload cannot be read back: {payload_error}"
         reason = self._check_keys(update.params or {}) or self._check_tensors(update.params) or self._check_weight(site, update.meta or {})
+        reason = reason or self._check_controls(update.meta or {})
         if reason:
             return reason
         self.round_norms[site] = self.change_norm(update)
@@ -172,6 +182,25 @@ class UpdateValidator(FLComponent):
                 largest = float(value.abs().max())
                 if largest > self.max_abs_value:
                     return f"key {key}: a value of magnitude {largest:.4g}, above the bound {self.max_abs_value:g} (max_abs_value)"
+        return None
+
+    def _check_controls(self, meta: Mapping) -> str | None:
+        if not self.control_shapes:
+            return None
+        controls = meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF)
+        if not isinstance(controls, Mapping):
+            return f"no SCAFFOLD control change in the update's meta ({AlgorithmConstants.SCAFFOLD_CTRL_DIFF})"
+        if set(controls) != set(self.control_shapes):
+            odd = sorted(set(controls) ^ set(self.control_shapes))
+            return f"SCAFFOLD control change: {len(odd)} keys differ from the controlled weights, e.g. {odd[0]}"
+        for key, shape in self.control_shapes.items():
+            value = _tensor(controls[key])
+            if tuple(value.shape) != shape:
+                return f"SCAFFOLD control change of {key}: shape {tuple(value.shape)}, the weight's is {shape}"
+            if not value.is_floating_point() or not torch.isfinite(value).all():
+                return f"SCAFFOLD control change of {key}: values that are not finite floating-point numbers"
+            if self.max_abs_value is not None and value.numel() and float(value.abs().max()) > self.max_abs_value:
+                return f"SCAFFOLD control change of {key}: a value of magnitude {float(value.abs().max()):.4g}, above the bound {self.max_abs_value:g} (max_abs_value)"
         return None
 
     def _check_change(self, norm: float) -> str | None:

@@ -12,11 +12,20 @@ A round's local training depends only on the global model, the site's data, the 
 seed: it starts with a fresh optimiser state and random streams seeded from (seed, datalist,
 round). A site's process may therefore be a new one every round, as the NVFlare simulator makes it
 when it runs fewer client processes than sites (``-t`` below ``-n``) or as a restarted hospital
-process is, and the federation still computes the same model.
+process is, and the federation still computes the same model. What a site must carry from round
+to round (SCAFFOLD's controls, Ditto's personal model, FedBN's normalisation layers) it keeps in
+files under the run's id (:class:`~fedfms.fl.executors.algorithms.SiteState`).
+
+The federated algorithm is the server's choice, told with each task (:mod:`fedfms.fl.executors.algorithms`):
+FedProx adds its proximal term to the bundle's loss, SCAFFOLD corrects every local step and sends
+the change of the site's controls; Ditto (``ditto_lambda``) also trains a personal model of the
+site's own. The final evaluation scores the global model and, for Ditto and FedBN, the site's
+personalised one (global weights with the site's own normalisation layers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import zlib
@@ -29,15 +38,22 @@ from monai.utils import set_determinism
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model_learner import ModelLearner
+from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from fedfms.bundle import bundle_dir, bundle_network, bundle_workflow, check_datalist, evaluate_checkpoint
 from fedfms.data.partition import UNSEEN, client_datalists, unseen_site
 from fedfms.errors import DataError
-from fedfms.fl.exchange import exchanged_keys
+from fedfms.fl.exchange import RUN_ID, exchanged_keys, local_keys
+from fedfms.fl.executors.algorithms import ScaffoldSteps, SiteState, proximal_training
 from fedfms.fl.site_settings import HINT, SiteSettings, read_site_settings
 from fedfms.paths import resolve_path
+
+#: Names of a site's state files (:class:`SiteState`) and the prefix of its personalised test scores.
+PERSONAL_MODEL, SCAFFOLD_CONTROLS, LOCAL_LAYERS = "ditto_personal_model", "scaffold_local_controls", "fedbn_local_layers"
+PERSONALISED = "personalised_"
+
 
 def site_datalist(site: str, datalist_dir: str | os.PathLike) -> str:
     """The datalist a federated site trains on.
@@ -81,6 +97,9 @@ class BundleLearner(ModelLearner):
             instead of the weights, as NVFlare's percentile and SVT privacy filters need.
         overrides: further bundle config overrides (e.g. ``{"batch_size": 4}``).
         seed: base of each round's random seed (:meth:`round_seed`).
+        ditto_lambda: Ditto: after each round's training of the global model, train the site's
+            personal model ``local_epochs`` more, with this weight on its distance to the received
+            global model (None: no personal model).
     """
 
     def __init__(
@@ -96,8 +115,12 @@ class BundleLearner(ModelLearner):
         send_weight_diff: bool = False,
         overrides: dict | None = None,
         seed: int = 0,
+        ditto_lambda: float | None = None,
     ) -> None:
         super().__init__()
+        if ditto_lambda is not None and not ditto_lambda >= 0:
+            raise ValueError(f"ditto_lambda must be >= 0, got {ditto_lambda}")
+        self.ditto_lambda = ditto_lambda
         # The first task may already carry torch tensors (NVFlare's TensorDecomposer downloads them),
         # and a site process started for one task (simulator -t below -n) receives it before initialize().
         fobs.register(TensorDecomposer)
@@ -132,8 +155,14 @@ class BundleLearner(ModelLearner):
         self.trainer = self.workflow.trainer
         self.evaluator = self.workflow.parser.get_parsed_content("validate#evaluator")
         self.network = self.trainer.network
-        self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
+        self._keep_initial_local_layers()
         self.num_train_samples = len(self.trainer.data_loader.dataset)
+
+    def _keep_initial_local_layers(self) -> None:
+        """The exchanged keys, and the site-kept layers as built: the global model's (FedBN), scored as the global model."""
+        self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
+        state = self.network.state_dict()
+        self.initial_local = {k: state[k].detach().clone() for k in local_keys(self.network, self.norm_statistics)}
 
     def _apply_site_settings(self) -> None:
         """This site's own settings over the job's; the data folder must exist."""
@@ -164,7 +193,7 @@ class BundleLearner(ModelLearner):
         check_datalist(folder / f"{UNSEEN}.json", ("testing",))
         self.info(f"site {self.site_name} is the unseen site of {folder}: it only scores the final global model, never trains or sends weights")
         self.network = bundle_network(self.bundle_root, self.config_files, **self._bundle_overrides())
-        self.exchange_keys = exchanged_keys(self.network, self.norm_statistics)
+        self._keep_initial_local_layers()
 
     def _bundle_overrides(self) -> dict:
         """Bundle overrides that put this site's data in, its outputs in :attr:`site_dir`, and its device (if set)."""
@@ -190,24 +219,62 @@ class BundleLearner(ModelLearner):
         """
         self._refuse_if_evaluate_only("train")
         self._load_global(model)
-        self._train_local()
+        task = model.meta or {}
+        state = self._site_state(task)
+        scaffold = ScaffoldSteps(self.trainer, self.network, set(self.exchange_keys)) if task.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL) else None
+        with contextlib.ExitStack() as algorithm:
+            mu = task.get(AlgorithmConstants.FEDPROX_MU)
+            if mu:
+                algorithm.enter_context(proximal_training(self.trainer, self.network, self.received, float(mu)))
+            if scaffold:
+                algorithm.enter_context(scaffold.correcting(task[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL], state.load(SCAFFOLD_CONTROLS)))
+            self._train_local()
         local_dice = float(self.evaluator.state.metrics.get("val_mean_dice", float("nan")))
         self._track("local_val_dice", local_dice)
-        keys = set(self.exchange_keys)
-        params = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items() if k in keys}  # a snapshot, not the live weights
+        params = self._values(self.exchange_keys)
         if self.send_weight_diff:
             params = {k: v - self.received[k].to(v.dtype) for k, v in params.items()}
-        return FLModel(
-            params=params,
-            params_type=ParamsType.DIFF if self.send_weight_diff else ParamsType.FULL,
-            current_round=self.current_round,
-            meta={
-                FLMetaKey.NUM_STEPS_CURRENT_ROUND: self.num_train_samples,
-                "num_train_samples": self.num_train_samples,
-                "local_val_dice": local_dice,
-                "datalist": self.datalist,
-            },
-        )
+        meta = {
+            FLMetaKey.NUM_STEPS_CURRENT_ROUND: self.num_train_samples,
+            "num_train_samples": self.num_train_samples,
+            "local_val_dice": local_dice,
+            "datalist": self.datalist,
+        }
+        if scaffold:
+            controls = scaffold.finish(self.received)
+            state.save(SCAFFOLD_CONTROLS, controls["local"])
+            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = controls["deltas"]
+        if self.initial_local:
+            state.save(LOCAL_LAYERS, self._values(self.initial_local))
+        if self.ditto_lambda is not None:
+            meta["personal_val_dice"] = self._train_personal(state)
+        return FLModel(params=params, params_type=ParamsType.DIFF if self.send_weight_diff else ParamsType.FULL, current_round=self.current_round, meta=meta)
+
+    def _values(self, keys) -> dict[str, torch.Tensor]:
+        """A snapshot (not the live tensors) of the network's ``keys``."""
+        keys = set(keys)
+        return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items() if k in keys}
+
+    def _load_values(self, values: dict) -> None:
+        state = self.network.state_dict()
+        with torch.no_grad():
+            for name, value in values.items():
+                state[name].copy_(torch.as_tensor(value))
+
+    def _site_state(self, task: dict) -> SiteState:
+        """This site's files for the run the task belongs to, in its output folder or its workspace (kept across jobs)."""
+        root = self.settings.output_dir or (self.workspace.get_root_dir() if self.workspace else self.site_dir)
+        return SiteState(root, task.get(RUN_ID) or self.job_id)
+
+    def _train_personal(self, state: SiteState) -> float:
+        """Ditto: the site's personal model (the received global model at first) trained toward the global one; its validation Dice."""
+        self._load_values(state.load(PERSONAL_MODEL) or self.received)
+        with proximal_training(self.trainer, self.network, self.received, self.ditto_lambda):
+            self._train_local(track=False)
+        state.save(PERSONAL_MODEL, self._values(self.exchange_keys))
+        dice = self._validate()
+        self._track("personal_val_dice", dice)
+        return dice
 
     def validate(self, model: FLModel) -> FLModel:
         """Score the received global model: on the validation split, or on the test split when asked."""
@@ -216,7 +283,9 @@ class BundleLearner(ModelLearner):
             self._refuse_if_evaluate_only("validation")
         self._load_global(model)
         if testing:
-            return FLModel(metrics=self._test())
+            scores = self._test_global_and_personalised(model.meta or {})
+            kind = ("Ditto's personal model" if self.ditto_lambda is not None else "the global weights with the site's own normalisation layers (FedBN)")
+            return FLModel(metrics=scores, meta={"personalised": kind} if any(k.startswith(PERSONALISED) for k in scores) else {})
         dice = self._validate()
         self._track("global_val_dice", dice)
         return FLModel(metrics={"val_mean_dice": dice})
@@ -248,6 +317,8 @@ class BundleLearner(ModelLearner):
             for name, value in values.items():
                 state[name].copy_(value)
         self.received = {k: v.detach().cpu().clone() for k, v in values.items()}
+        if self.initial_local:  # FedBN: this site's own layers, as its last round left them
+            self._load_values(self._site_state(model.meta or {}).load(LOCAL_LAYERS) or {})
         values = sum(v.numel() for v in values.values())
         self.info(f"round {self.current_round}: global model received, {len(received)} tensors, {values:,} values")
 
@@ -255,18 +326,35 @@ class BundleLearner(ModelLearner):
         self.evaluator.run()
         return float(self.evaluator.state.metrics.get("val_mean_dice", float("nan")))
 
-    def _test(self) -> dict:
-        """The bundle's evaluation (evaluate.json) of the current network on this site's test split."""
-        checkpoint = self.site_dir / "models" / "global_model_for_test.pt"
+    def _test_global_and_personalised(self, task: dict) -> dict:
+        """Test scores of the global model as the server saved it and, under Ditto or FedBN, of this site's personalised model.
+
+        The personalised scores carry the prefix ``personalised_``: Ditto's personal model, or (FedBN)
+        the global weights with this site's own normalisation layers.
+        """
+        global_values = self._values(self.exchange_keys)
+        self._load_values(self.initial_local)  # FedBN: the global model holds the layers it started with
+        scores = self._test("global")
+        state = self._site_state(task)
+        personal = {**(state.load(LOCAL_LAYERS) or {}), **((state.load(PERSONAL_MODEL) or {}) if self.ditto_lambda is not None else {})}
+        if not personal:
+            return scores
+        self._load_values({**global_values, **personal})
+        return {**scores, **{PERSONALISED + k: v for k, v in self._test("personalised").items()}}
+
+    def _test(self, which: str) -> dict:
+        """The bundle's evaluation (evaluate.json) of the current network on this site's test split; ``which``: global or personalised."""
+        checkpoint = self.site_dir / "models" / f"{which}_model_for_test.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": self.network.state_dict()}, checkpoint)
-        return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, self.site_dir / "eval", **self._bundle_overrides())
+        folder = self.site_dir / ("eval" if which == "global" else f"eval_{which}")
+        return evaluate_checkpoint(self.bundle_root, self.config_files, checkpoint, folder, **self._bundle_overrides())
 
     def round_seed(self) -> int:
         """This round's seed at this site's data: the same whichever process runs the round."""
         return zlib.crc32(f"{self.seed}/{self.datalist}/{self.current_round or 0}".encode())
 
-    def _train_local(self) -> None:
+    def _train_local(self, track: bool = True) -> None:
         """``local_epochs`` epochs of the bundle's trainer, from a state that depends only on the round.
 
         The optimiser's moments start empty, the random streams (torch, NumPy, Python and the
@@ -283,7 +371,8 @@ class BundleLearner(ModelLearner):
         state.iteration = state.epoch * (state.epoch_length or len(self.trainer.data_loader))
         state.max_epochs = state.epoch + self.local_epochs
         self.trainer.run()
-        self._track("train_loss", float(state.output[0]["loss"]) if isinstance(state.output, list) else float(state.output["loss"]))
+        if track:
+            self._track("train_loss", float(state.output[0]["loss"]) if isinstance(state.output, list) else float(state.output["loss"]))
 
     def _track(self, tag: str, value: float) -> None:
         if self.writer is not None:

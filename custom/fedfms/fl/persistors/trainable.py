@@ -134,10 +134,23 @@ class TrainableModelPersistor(PTFileModelPersistor):
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
         self._check_update(ml[ModelLearnableKey.WEIGHTS])
+        ml[ModelLearnableKey.WEIGHTS] = self._with_aliases(ml[ModelLearnableKey.WEIGHTS])
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         if current_round is not None:
             ml[ModelLearnableKey.META] = {**(ml.get(ModelLearnableKey.META) or {}), COMPLETED_ROUNDS: int(current_round) + 1}
         super().save_model(ml, fl_ctx)
+
+    def _with_aliases(self, weights: dict) -> dict:
+        """``weights`` and, for each, the other state-dict names of the same tensor (e.g. DynUNet's ``skip_layers``).
+
+        Only one name of a shared tensor travels; the file keeps every name, and the last one
+        wins when it is loaded, so every name must carry the new value.
+        """
+        names: dict[int, list[str]] = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            names.setdefault(value.data_ptr(), []).append(key)
+        aliases = {key: group for group in names.values() if len(group) > 1 for key in group}
+        return {**weights, **{alias: value for key, value in weights.items() for alias in aliases.get(key, ())}}
 
     def _check_update(self, weights: dict) -> None:
         outside = sorted(set(weights) - self.exchanged_names())

@@ -15,7 +15,8 @@ happened to its update (written after each, atomically):
 empty when the aggregation ignores weights, e.g. a coordinate-wise median) and ``change_norm`` the
 L2 norm of its change against the round's global model (see :mod:`fedfms.fl.checks.updates`).
 
-``<app_server>/run_status.json`` says whether FedAvg completed its rounds, ended early (too few
+``<app_server>/run_status.json`` says whether FedAvg completed its rounds, stopped early on
+purpose (``stopped_early``: no improvement for ``patience`` rounds), ended early (too few
 good updates: ``reason``), or the run was aborted (NVFlare's fatal-error reason), so a run is
 judged by its records, never by the simulator's exit code. A resumed run (``resume_from``: the
 earlier run's server app folder) starts with the earlier rows; the rows of the round it was
@@ -123,7 +124,7 @@ class ContributionRecorder(FLComponent):
         return row
 
     def run_status(self, status: str, reason: str = "", **facts) -> None:
-        """Write how the run ended: ``completed``, ``ended_early`` or ``aborted``, and why."""
+        """Write how the run ended: ``completed``, ``stopped_early``, ``ended_early`` or ``aborted``, and why."""
         if self.folder is not None:
             save_json(self.folder / f"{RUN_STATUS}.json", {"status": status, "reason": reason, **facts})
 

@@ -27,14 +27,26 @@ the events the model selector and TensorBoard receiver listen to) and changes th
 * every expected contribution and the run's end state go to the
   :class:`~fedfms.fl.widgets.recorder.ContributionRecorder`.
 
+With ``patience`` it stops early: when the mean validation Dice of the global model (the
+sample-weighted mean of the scores the sites give the model they receive, before training) has
+not improved for ``patience`` rounds, the rounds end, ``run_status`` says ``stopped_early`` and
+why, and the final evaluation follows; the best global model is kept by the model selector.
+NVFlare's own ``patience`` needs a ``stop_cond`` target and saves only improved models, which a
+resumed run could not continue from.
+
 It also resumes: when the persistor starts from a saved global model, the rounds continue after
-the ones that model records, with the update checks' memory (each site's first sample count)
-saved in that model, and the records of an interrupted round replaced by the new ones.
+the ones that model records, with the server's state saved in that model's meta
+(:meth:`ResumableFedAvg.server_state`: the update checks' memory, the early-stopping count, the
+run's id, and what an algorithm adds, such as FedOpt's optimiser or SCAFFOLD's control variates),
+and the records of an interrupted round replaced by the new ones. The sites keep their own state
+(SCAFFOLD's local controls, Ditto's personal model, FedBN's normalisation layers) under the run's
+id (:data:`RUN_ID`, sent with every task), so a resumed run finds it again.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import torch
@@ -53,6 +65,7 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.log_utils import center_message
 
+from fedfms.fl.exchange import RUN_ID
 from fedfms.fl.executors.reporting import site_error
 from fedfms.fl.filters.wire import wire_bytes
 from fedfms.fl.checks.liveness import SiteWatch, WatchedTasks
@@ -60,8 +73,11 @@ from fedfms.fl.persistors.trainable import COMPLETED_ROUNDS
 from fedfms.fl.widgets.recorder import ContributionRecorder
 from fedfms.fl.checks.updates import UpdateValidator
 
-#: Key of the saved global model's meta: the update checks' memory, restored on resume.
+#: Keys of the saved global model's meta: the update checks' memory and the early-stopping count, restored on resume.
 VALIDATOR_STATE = "update_validator_state"
+EARLY_STOPPING_STATE = "early_stopping_state"
+#: The score early stopping and the model selector follow: the sites' validation Dice of the model they received.
+KEY_METRIC = "val_mean_dice"
 
 
 def _like(reference, value):
@@ -94,6 +110,8 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         recorder_id: the :class:`~fedfms.fl.widgets.recorder.ContributionRecorder` component.
         evaluate_only_sites: sites that never get a training task (the unseen hospital of a
             leave-one-site-out job, which only scores the final model in ``FinalEvaluation``).
+        patience: end the rounds once the mean validation Dice of the global model has not improved
+            for this many rounds (None: run every round).
         kwargs: ``FedAvg`` arguments (``num_rounds``, ``persistor_id``, ``aggregator``, ...).
             ``ignore_result_error`` defaults to True: a failed site is recorded, not a reason to abort.
     """
@@ -111,10 +129,13 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         liveness_interval: float = 10.0,
         liveness_timeout: float = 10.0,
         liveness_misses: int = 2,
+        patience: int | None = None,
         **kwargs,
     ) -> None:
         if kwargs.get("stop_cond"):
-            raise ValueError("ResumableFedAvg runs every round: early stopping (stop_cond) is not supported")
+            raise ValueError("ResumableFedAvg stops early by patience on the validation Dice; NVFlare's stop_cond is not supported")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"patience must be a whole number of rounds >= 1, got {patience!r}")
         kwargs.setdefault("ignore_result_error", True)
         super().__init__(*args, **kwargs)
         fobs.register(TensorDecomposer)  # sites' updates arrive as torch tensors, from the first one on
@@ -139,6 +160,10 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         self._passed: dict[str, FLModel] = {}  # this round: site -> its update, passed the checks on arrival
         self._accepted: dict[str, FLModel] = {}  # this round: site -> its checked update, not yet added
         self._holders: set[str] = set()  # this round: sites that were handed the task
+        self.patience = patience
+        self.best_score: tuple[int, float] | None = None  # (round whose received model scored it, mean validation Dice)
+        self.rounds_without_improvement = 0
+        self.run_id: str | None = None
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
@@ -161,7 +186,7 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
             return
         if completed:
             self.info(f"resuming at round {completed}: {total - completed} of {total} rounds left")
-        self.validator.restore((model.meta or {}).get(VALIDATOR_STATE))
+        self.restore_server_state(model.meta or {})
         self.recorder.forget_rounds_from(completed)  # an interrupted round's rows: its contributions come again
         start = max(self.start_round, completed)
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, total, private=True, sticky=False)
@@ -170,12 +195,73 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         for self.current_round in range(start, total):
             if not self._round(model):
                 return
+            score = self._mean_score()
             model = self._aggregated(model)
-            model.meta = {**(model.meta or {}), VALIDATOR_STATE: self.validator.state()}
+            model.meta = {**(model.meta or {}), **self.server_state()}
             self.save_model(model)
             self._maybe_cleanup_memory()
+            stop = self._no_improvement(score)
+            if stop:
+                self.info(f"early stop: {stop}")
+                self.recorder.run_status("stopped_early", stop, rounds_completed=self.current_round + 1, rounds_planned=total)
+                self.info(center_message("Finished FedAvg."))
+                return
         self.recorder.run_status("completed", f"all {total} rounds", rounds_completed=total, rounds_planned=total)
         self.info(center_message("Finished FedAvg."))
+
+    def server_state(self) -> dict:
+        """What a restarted server needs to go on as if it had not stopped, saved in the global model's meta."""
+        best = {"round": self.best_score[0], "score": self.best_score[1]} if self.best_score else None
+        return {
+            VALIDATOR_STATE: self.validator.state(),
+            EARLY_STOPPING_STATE: {"best": best, "rounds_without_improvement": self.rounds_without_improvement},
+            RUN_ID: self.run_id,
+        }
+
+    def restore_server_state(self, meta: dict) -> None:
+        """Continue from :meth:`server_state` as saved in the starting model's meta (a fresh run finds none)."""
+        self.validator.restore(meta.get(VALIDATOR_STATE))
+        stopping = meta.get(EARLY_STOPPING_STATE) or {}
+        best = stopping.get("best")
+        self.best_score = (int(best["round"]), float(best["score"])) if best else None
+        self.rounds_without_improvement = int(stopping.get("rounds_without_improvement", 0))
+        # The job id alone repeats (the simulator's is always simulate_job): the start time makes a new run's state its own.
+        self.run_id = meta.get(RUN_ID) or f"{self.fl_ctx.get_job_id()}_{time.strftime('%Y%m%d-%H%M%S')}"
+        self.info(f"run id {self.run_id}: sites keep their own state of this run under it")
+
+    def task_meta(self) -> dict:
+        """What the round's task tells the sites beside the weights (an algorithm adds its own)."""
+        return {RUN_ID: self.run_id}
+
+    def _task_model(self, model: FLModel) -> FLModel:
+        """The global model as sent: the weights and :meth:`task_meta`, not the server's own state."""
+        task = FLModel(params=model.params, params_type=model.params_type, current_round=model.current_round,
+                       start_round=model.start_round, total_rounds=model.total_rounds, meta=self.task_meta())
+        set_fedprox_metadata(task, self.fedprox_mu)
+        return task
+
+    def _mean_score(self) -> float | None:
+        """The sample-weighted mean validation Dice the accepted sites gave the model they received this round."""
+        scored = [(float(m.metrics[KEY_METRIC]), float(m.meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND])) for m in self._accepted.values()
+                  if KEY_METRIC in (m.metrics or {}) and np.isfinite(m.metrics[KEY_METRIC])]
+        total = sum(weight for _, weight in scored)
+        return sum(score * weight for score, weight in scored) / total if total else None
+
+    def _no_improvement(self, score: float | None) -> str | None:
+        """Why the rounds end here (patience exhausted), or None to go on."""
+        if self.patience is None or score is None:
+            return None
+        if self.best_score is None or score > self.best_score[1]:
+            self.best_score, self.rounds_without_improvement = (self.current_round, score), 0
+            return None
+        self.rounds_without_improvement += 1
+        self.info(f"round {self.current_round}: mean validation Dice {score:.4f}, no improvement for {self.rounds_without_improvement} of {self.patience} rounds")
+        if self.rounds_without_improvement < self.patience:
+            return None
+        return (
+            f"the mean validation Dice of the global model has not improved on {self.best_score[1]:.4f} (the model sent in round "
+            f"{self.best_score[0]}) for {self.patience} rounds (patience); {self.current_round + 1} of {self.start_round + self.num_rounds} rounds ran"
+        )
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         """The connected sites that train (``num_clients`` of them at random, if set); evaluate-only and lost sites do not."""
@@ -200,10 +286,9 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         clients = self.sample_clients(self.num_clients)
         self._reset_aggregation(len(clients))
         self.validator.expect(model.params, self.persistor.model.state_dict() if self.persistor else model.params)
-        set_fedprox_metadata(model, self.fedprox_mu)
         if clients:
             self.broadcast_model(
-                data=model,
+                data=self._task_model(model),
                 task_name=self.task_name,
                 targets=clients,
                 min_responses=min(self.min_clients, len(clients)) if self.task_timeout else 0,  # 0: wait for every site

@@ -11,13 +11,15 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedfms.bundle import TEST_METRICS
 from fedfms.data.partition import UNSEEN
+from fedfms.fl.exchange import RUN_ID
 from fedfms.fl.checks.liveness import SiteWatch, WatchedTasks
 from fedfms.fl.widgets.recorder import ContributionRecorder
 from fedfms.io import save_csv, save_json
 
 TEST_SPLIT = "testing"
 COLUMNS = ("site", *TEST_METRICS, "note")
-FEDBN_NOTE = "scored with the site's own normalisation layers (FedBN), not the saved global model's"
+FEDBN_NOTE = "the global model as saved: its normalisation layers as they started (FedBN keeps the trained ones at the sites)"
+PERSONALISED = "personalised"  # row-name prefix, and the learner's metric prefix (with "_")
 
 
 class FinalEvaluation(WatchedTasks, ModelController):
@@ -36,8 +38,11 @@ class FinalEvaluation(WatchedTasks, ModelController):
     the first answer) gets a row saying so; the others' scores are kept. A site the rounds
     recorded ``lost`` (its last contribution row) is not sent the task, and one whose job process
     stops answering during the evaluation is not waited for (:class:`~fedfms.fl.checks.liveness.SiteWatch`).
-    Under FedBN (``norm_statistics: local`` in the persistor) every row says that the site scored
-    the global weights with its own normalisation layers. The ``evaluate_only_sites`` of a
+    Under FedBN (``norm_statistics: local`` in the persistor) the site rows score the global model
+    as saved (normalisation layers as they started, said in the note). Where sites keep a
+    personalised model (Ditto's personal model; under FedBN, the global weights with the site's
+    own normalisation layers) they score it too: rows ``personalised:<site>`` and
+    ``personalised:average`` follow the global ones. The ``evaluate_only_sites`` of a
     leave-one-site-out job (hospitals that never trained) score the model on their own data like
     the others; their rows are named ``unseen:<SITE>`` and are not part of the average.
     """
@@ -74,19 +79,23 @@ class FinalEvaluation(WatchedTasks, ModelController):
             self.warning("no global model was saved; nothing to evaluate")
             return
         model = FLModelUtils.from_model_learnable(learnable)
-        model.meta = {"split": TEST_SPLIT}
+        model.meta = {"split": TEST_SPLIT, RUN_ID: (model.meta or {}).get(RUN_ID)}  # the run id: where sites keep their personal models
         connected = sorted(client.name for client in self.engine.get_clients())
         sites = [s for s in connected if s not in self.evaluate_only_sites]
         self.watch.lost.update(self._lost_in_rounds())
         results = self._collect([s for s in connected if s not in self.watch.lost], model)
         note = FEDBN_NOTE if getattr(self.persistor, "norm_statistics", "global") == "local" else None
-        scored = {r.meta.get("client_name"): {**_nan_as_none(r.metrics), "note": note} for r in results if r.metrics}
+        answered = {r.meta.get("client_name"): r for r in results if r.metrics}
+        scored = {site: {**_nan_as_none(_own(r.metrics)), "note": note} for site, r in answered.items()}
         if not scored:
             self.error("no site scored the final global model (each failed, was lost or did not answer in time): no final test table")
             return
-        rows = [{"site": s, **scored.get(s, {"note": self._no_scores(s)})} for s in sites]
-        trained = [r for r in rows if r["site"] in scored]
-        rows.append({"site": "average", **{k: _mean([r.get(k) for r in trained]) for k in TEST_METRICS}, "note": f"{len(trained)} of {len(sites)} sites"})
+        rows = _with_average([{"site": s, **scored.get(s, {"note": self._no_scores(s)})} for s in sites], "average", scored, len(sites))
+        personalised = {site: {**_nan_as_none(_own(r.metrics, PERSONALISED + "_")), "note": r.meta.get(PERSONALISED)}
+                        for site, r in answered.items() if site in sites and _own(r.metrics, PERSONALISED + "_")}
+        if personalised:
+            own = [{"site": f"{PERSONALISED}:{s}", **personalised[s]} for s in sites if s in personalised]
+            rows += _with_average(own, f"{PERSONALISED}:average", {r["site"]: r for r in own}, len(sites))
         rows += [self._unseen_row(site, scored, connected) for site in self.evaluate_only_sites]
         self._write(rows)
         for row in rows:
@@ -136,6 +145,17 @@ class FinalEvaluation(WatchedTasks, ModelController):
         folder = Path(self.fl_ctx.get_prop(FLContextKey.APP_ROOT))
         save_json(folder / f"{self.file_name}.json", rows)
         save_csv(folder / f"{self.file_name}.csv", rows, COLUMNS)
+
+
+def _own(metrics: dict, prefix: str = "") -> dict:
+    """The test metrics under ``prefix`` (none: the global model's), without it."""
+    return {k: metrics[prefix + k] for k in TEST_METRICS if prefix + k in metrics}
+
+
+def _with_average(rows: list[dict], name: str, scored: dict, expected: int) -> list[dict]:
+    """``rows`` and their average row over those that were scored."""
+    trained = [r for r in rows if r["site"] in scored]
+    return rows + [{"site": name, **{k: _mean([r.get(k) for r in trained]) for k in TEST_METRICS}, "note": f"{len(trained)} of {expected} sites"}]
 
 
 def _nan_as_none(metrics: dict) -> dict:
