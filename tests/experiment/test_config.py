@@ -25,7 +25,7 @@ def config_text(methods: str = "  - {bundle: fedmsa_prostate}", data: str = "dem
 
 
 def test_shipped_configs_load():
-    assert shipped_configs() == ["compression", "cpu", "flapsam", "fminit", "paper"]
+    assert shipped_configs() == ["algorithms", "compression", "cpu", "flapsam", "fminit", "paper"]
     cpu = load_config("cpu")
     assert cpu.profile == "cpu_demo" and cpu.config_files == ("train.json", "cpu_demo.json") and cpu.device == "cpu"
     names = [m.name for m in cpu.methods]
@@ -79,6 +79,26 @@ def test_compression_is_a_method_dimension_of_its_federated_cells(tmp_path):
     assert make_cell(config, nf4, "local")["compress"] is None  # only a federated exchange is compressed
     cell = make_cell(config, nf4, "federated")
     assert cell["compress"] == "nf4" and job_options(cell, ["A", "B"], None).compress == "nf4"
+
+
+def test_the_federated_algorithm_is_a_method_dimension_of_its_federated_cells(tmp_path):
+    from fedfms.experiment.cell import job_options
+    from fedfms.experiment.cells import make_cell
+
+    methods = """  - {bundle: fedmsa_prostate}
+  - {bundle: fedmsa_prostate, algorithm: fedopt, algorithm_options: {server_optimizer: adam, server_lr: 0.01}}
+  - {bundle: flapsam_prostate, strategy: flap, algorithm: ditto}"""
+    config = load_config(write_config(tmp_path, config_text(methods)))
+    plain, fedadam, ditto = config.methods
+    assert (plain.name, fedadam.name, ditto.name) == ("fedmsa", "fedmsa_fedopt", "flapsam_ditto")
+    assert make_cell(config, fedadam, "local")["algorithm"] is None  # only a federation has an algorithm
+    options = job_options(make_cell(config, fedadam, "federated"), ["A", "B"], None)
+    assert (options.algorithm, options.server_optimizer, options.server_lr) == ("fedopt", "adam", 0.01)
+    assert job_options(make_cell(config, plain, "federated"), ["A", "B"], None).algorithm is None
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.algorithm_options: --fedprox-mu must be a finite number >= 0"):
+        load_config(write_config(tmp_path, config_text("  - {bundle: fedmsa_prostate, algorithm: fedprox, algorithm_options: {fedprox_mu: -1}}")))
+    with pytest.raises(ConfigError, match="algorithm: unknown value 'fedsgd'"):
+        load_config(write_config(tmp_path, config_text("  - {bundle: fedmsa_prostate, algorithm: fedsgd}")))
 
 
 def test_overrides_of_a_method_add_to_the_experiment_ones(tmp_path):

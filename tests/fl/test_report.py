@@ -117,3 +117,37 @@ def test_report_shows_the_bytes_on_the_wire_against_the_tensor_bytes(tmp_path, c
     (tmp_path / "round_metrics.json").write_text(json.dumps(rows))
     assert main(["report", str(tmp_path)]) == 0
     assert "site-1 1,101 / 1,050 (0.263), site-2 1,101 / 1,050 (0.263)" in capsys.readouterr().out
+
+
+def _configs(folder, workflow: dict, learner: dict) -> None:
+    (folder / "config").mkdir(parents=True)
+    (folder / "config" / "config_fed_server.json").write_text(json.dumps({"workflows": [workflow]}))
+    (folder / "config" / "config_fed_client.json").write_text(json.dumps({"components": [{"id": "learner", "args": {"bundle_root": "b", **learner}}]}))
+
+
+@pytest.mark.parametrize("workflow, learner, line", [
+    ({"path": "fedfms.fl.workflows.fedavg.ResumableFedAvg", "args": {}}, {}, "algorithm: fedavg"),
+    ({"path": "fedfms.fl.workflows.fedavg.ResumableFedAvg", "args": {"fedprox_mu": 0.01, "patience": 3}}, {},
+     "algorithm: fedprox (mu 0.01); early stopping after 3 rounds without a better mean validation Dice"),
+    ({"path": "fedfms.fl.workflows.fedopt.ResumableFedOpt", "args": {"optimizer": "torch.optim.Adam", "optimizer_args": {"lr": 0.01, "betas": [0.9, 0.99]}}},
+     {}, "algorithm: fedopt (server optimiser Adam lr 0.01, betas [0.9, 0.99])"),
+    ({"path": "fedfms.fl.workflows.scaffold.ResumableScaffold", "args": {}}, {}, "algorithm: scaffold (control variates)"),
+    ({"path": "fedfms.fl.workflows.fedavg.ResumableFedAvg", "args": {}}, {"ditto_lambda": 0.1, "norm_statistics": "local"},
+     "algorithm: ditto (lambda 0.1: each site also trains a personal model) with FedBN (normalisation layers kept at the sites)"),
+])
+def test_report_names_the_algorithm_from_the_runs_own_configs(workflow, learner, line, tmp_path, capsys):
+    _write(tmp_path)
+    _configs(tmp_path, workflow, learner)
+    assert main(["report", str(tmp_path)]) == 0
+    assert line + "\n" in capsys.readouterr().out
+
+
+def test_report_shows_the_personalised_scores_beside_the_global_ones(tmp_path, capsys):
+    _write(tmp_path)
+    rows = [{"site": "site-1", "dice_2d": 0.5}, {"site": "average", "dice_2d": 0.5},
+            {"site": "personalised:site-1", "dice_2d": 0.7, "note": "Ditto's personal model"}, {"site": "personalised:average", "dice_2d": 0.7}]
+    (tmp_path / "final_test.json").write_text(json.dumps(rows))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(personalised: each site's own model, Ditto's or FedBN's, on the same split)" in out
+    assert "personalised:site-1      0.7000" in out and "Ditto's personal model" in out

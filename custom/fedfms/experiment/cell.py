@@ -164,7 +164,8 @@ def job_options(cell: dict, sites: list[str], unseen: str | None):
         profile=cell["profile"], dataset_dir=cell["data"], datalist_dir=cell["partition"], num_rounds=cell["rounds"],
         local_epochs=cell["epochs"], seed=cell["seed"], init_mode=cell["init_mode"], prestage_epochs=cell["prestage_epochs"],
         task_timeout=cell["task_timeout"], evaluate_only=[unseen] if unseen else None,
-        min_clients=1 if len(sites) == 1 else None, overrides=cell.get("overrides") or None, compress=cell.get("compress"), **network,
+        min_clients=1 if len(sites) == 1 else None, overrides=cell.get("overrides") or None, compress=cell.get("compress"),
+        algorithm=cell.get("algorithm"), **(cell.get("algorithm_options") or {}), **network,
     )
 
 

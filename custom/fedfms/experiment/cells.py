@@ -55,6 +55,8 @@ def make_cell(config: ExperimentConfig, method: MethodConfig, setting: str) -> d
         "init_mode": method.init_mode if federated else None,
         "prestage_epochs": method.prestage_epochs if federated else None,
         "compress": method.compress if federated else None,
+        "algorithm": method.algorithm if federated else None,
+        "algorithm_options": dict(method.algorithm_options) if federated else {},
         "threads": config.threads if federated else None,
         "task_timeout": config.task_timeout if federated else None,
         "qualitative_slices": config.qualitative_slices,

@@ -33,6 +33,9 @@ Example (every key of the file; ``methods`` entries take the keys marked *)::
         init_mode: fm                  # * jobs with the FM-instructed-init pre-stage: random, pretrain, fm
         prestage_epochs: 20            # * epochs of that pre-stage
         compress: blockwise8           # * federated cells: the exchange compressed (`fedfms job --compress`)
+        algorithm: fedopt              # * federated cells: fedavg, fedprox, fedopt, scaffold, ditto (`fedfms job --algorithm`)
+        algorithm_options: {server_optimizer: adam, server_lr: 0.01}   # * its settings: fedprox_mu, server_optimizer,
+                                       #   server_lr, server_momentum, ditto_lambda (as the `fedfms job` flags)
 
 Relative paths (data, bundles, jobs) are looked up as job configs do (:func:`fedfms.paths.resolve_path`:
 the working directory, then the source tree, then the installed package). Whether the data is
@@ -60,7 +63,7 @@ from fedfms.paths import resolve_path
 SETTINGS = ("local", "centralized", "federated", "loso")
 FEDERATED_SETTINGS = ("federated", "loso")
 PROFILES = {"cpu_demo": ("train.json", "cpu_demo.json"), "paper": ("train.json",)}  # profile -> bundle configs
-CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped experiments: cpu, compression, flapsam, fminit, paper
+CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped experiments: algorithms, cpu, compression, flapsam, fminit, paper
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SAM_MODELS = ("sam", "flapsam")
 # Bundle -> its federated job (jobs/<name>).
@@ -166,6 +169,20 @@ def _compression_modes():
     return MODES
 
 
+def _algorithms():
+    from fedfms.fl.job_config import ALGORITHMS
+
+    return ALGORITHMS
+
+
+ALGORITHM_OPTIONS = ("fedprox_mu", "server_optimizer", "server_lr", "server_momentum", "ditto_lambda")
+
+
+def _algorithm_options(value) -> str | None:
+    ok = isinstance(value, dict) and set(value) <= set(ALGORITHM_OPTIONS)
+    return None if ok else f"must be a mapping of {', '.join(ALGORITHM_OPTIONS)} to values, got {value!r}"
+
+
 def _init_modes():
     from fedfms.distillation.prestage import INIT_MODES
 
@@ -211,6 +228,8 @@ METHOD = {
     "init_mode": Key(_choice(_init_modes)),
     "prestage_epochs": Key(_count(1)),
     "compress": Key(_choice(_compression_modes)),
+    "algorithm": Key(_choice(_algorithms)),
+    "algorithm_options": Key(_algorithm_options),
     **{k: Key(v.check) for k, v in SHARED.items()},  # no defaults of their own: the experiment's apply
 }
 
@@ -236,6 +255,8 @@ class MethodConfig:
     init_mode: str | None = None
     prestage_epochs: int | None = None
     compress: str | None = None  # federated cells: the compression mode of the exchange (None: fp32)
+    algorithm: str | None = None  # federated cells: how the server and sites federate (None: the job's FedAvg)
+    algorithm_options: tuple[tuple[str, Any], ...] = ()  # its settings (fedprox_mu, server_optimizer, ...), sorted
     overrides: tuple[tuple[str, Any], ...] = ()  # bundle keys -> values, sorted (hashable)
 
 
@@ -272,7 +293,7 @@ def shipped_configs() -> list[str]:
 
 
 def find_config(config: str | os.PathLike) -> Path:
-    """The experiment file ``config`` names: a path, or the name of a shipped experiment (cpu, compression, flapsam, fminit, paper)."""
+    """The experiment file ``config`` names: a path, or the name of a shipped experiment (algorithms, cpu, compression, flapsam, fminit, paper)."""
     path = Path(config)
     if path.is_file():
         return path
@@ -359,7 +380,10 @@ def _method(raw: Any, top: dict, path: Path, where: str) -> MethodConfig:
     job = _job(own, bundle, path, where) if set(settings) & set(FEDERATED_SETTINGS) else None
     strategy = own["strategy"] or method["strategy"]
     pretrained = bool(value["pretrained"]) if sam else True
-    name = own["name"] or _default_name(bundle.name, strategy if strategy != method["strategy"] else None, own["init_mode"], pretrained, own["compress"])
+    name = own["name"] or _default_name(bundle.name, strategy if strategy != method["strategy"] else None, own["init_mode"], pretrained,
+                                        own["compress"], own["algorithm"])
+    algorithm_options = own["algorithm_options"] or {}
+    _check_algorithm(own["algorithm"], algorithm_options, path, where)
     checkpoint = value["pretrained_checkpoint"] if sam and pretrained else None
     return MethodConfig(
         name=name, bundle=str(bundle), job=job, model=model, strategy=strategy, pretrained=pretrained, settings=settings,
@@ -368,7 +392,18 @@ def _method(raw: Any, top: dict, path: Path, where: str) -> MethodConfig:
         size=value["size"] if sam else None, image_size=value["image_size"] if sam else None,
         pretrained_checkpoint=str(Path(checkpoint).expanduser().resolve()) if checkpoint else None,
         init_mode=own["init_mode"], prestage_epochs=own["prestage_epochs"], compress=own["compress"], overrides=tuple(sorted(overrides.items())),
+        algorithm=own["algorithm"], algorithm_options=tuple(sorted(algorithm_options.items())),
     )
+
+
+def _check_algorithm(algorithm: str | None, options: dict, path: Path, where: str) -> None:
+    """The algorithm's settings as ``fedfms job`` checks them (the job's own refusals come when its cells are built)."""
+    from fedfms.fl.job_config import JobOptions
+
+    try:
+        JobOptions(algorithm=algorithm, **options)
+    except ValueError as error:
+        raise ConfigError(path, f"{where}.algorithm_options: {error}") from error
 
 
 def _bundle(value: str, path: Path, where: str) -> Path:
@@ -395,9 +430,10 @@ def _job(own: dict, bundle: Path, path: Path, where: str) -> str:
     return str(folder)
 
 
-def _default_name(bundle: str, strategy: str | None, init_mode: str | None, pretrained: bool, compress: str | None = None) -> str:
-    """``fedmsa``, ``flapsam_dec``, ``smlite_fm``, ``fedsam_pt``, ``flapsam_nf4``: the bundle without ``_prostate`` and what differs."""
-    parts = [bundle.removesuffix("_prostate").lower(), strategy, init_mode, None if pretrained else "pt", compress]
+def _default_name(bundle: str, strategy: str | None, init_mode: str | None, pretrained: bool, compress: str | None = None,
+                  algorithm: str | None = None) -> str:
+    """``fedmsa``, ``flapsam_dec``, ``smlite_fm``, ``fedsam_pt``, ``flapsam_nf4``, ``fedmsa_scaffold``: the bundle without ``_prostate`` and what differs."""
+    parts = [bundle.removesuffix("_prostate").lower(), strategy, init_mode, None if pretrained else "pt", compress, algorithm]
     return "_".join(p for p in parts if p)
 
 

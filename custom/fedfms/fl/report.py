@@ -129,12 +129,42 @@ def run_status_line(folder: Path) -> str:
     return f"run {words.get(status['status'], status['status'])}: {status.get('reason') or ''}".rstrip(": ")
 
 
+def algorithm_line(folder: Path) -> str | None:
+    """The federated algorithm the run used and its settings, read from the server app's own configs (None without them)."""
+    configs = {name: folder / "config" / f"config_fed_{name}.json" for name in ("server", "client")}
+    if not configs["server"].is_file():
+        return None
+    workflow = next((w for w in load_json(configs["server"])["workflows"] if w["path"].endswith(("FedAvg", "FedOpt", "Scaffold"))), None)
+    if workflow is None:
+        return None
+    args, name = workflow["args"], workflow["path"].rsplit(".", 1)[1]
+    client = load_json(configs["client"]) if configs["client"].is_file() else {"components": []}
+    learner = next((c["args"] for c in client["components"] if "bundle_root" in c.get("args", {})), {})
+    if name == "ResumableFedOpt":
+        optimizer = args.get("optimizer", "torch.optim.SGD").rsplit(".", 1)[1]
+        text = f"fedopt (server optimiser {optimizer} " + ", ".join(f"{k} {v}" for k, v in (args.get("optimizer_args") or {"lr": 1.0}).items()) + ")"
+    elif name == "ResumableScaffold":
+        text = "scaffold (control variates)"
+    elif learner.get("ditto_lambda") is not None:
+        text = f"ditto (lambda {learner['ditto_lambda']}: each site also trains a personal model)"
+    elif args.get("fedprox_mu") is not None:
+        text = f"fedprox (mu {args['fedprox_mu']})"
+    else:
+        text = "fedavg"
+    if learner.get("norm_statistics") == "local":
+        text += " with FedBN (normalisation layers kept at the sites)"
+    stop = f"; early stopping after {args['patience']} rounds without a better mean validation Dice" if args.get("patience") else ""
+    return f"algorithm: {text}{stop}"
+
+
 def final_table(rows: list[dict]) -> str:
     """The final test scores per site; the lines under the title state the rule of every column.
 
     Rows written before a column existed show it as "-".
     """
     title = "final global model on each site's test split"
+    if any(str(r["site"]).startswith("personalised:") for r in rows):
+        title += " (personalised: each site's own model, Ditto's or FedBN's, on the same split)"
     if any(str(r["site"]).startswith("unseen:") for r in rows):
         title += " (unseen: the site left out of training, not in the average)"
     lines = [title, *(f"  {rule}" for rule in FINAL_RULES), f"{'site':<16}" + "".join(f"{h:>12}" for h in FINAL_COLUMNS.values())]
@@ -193,6 +223,7 @@ def report(workspace: str | os.PathLike, png: str | os.PathLike | None = None) -
     folder = server_app_dir(workspace)
     rounds = load_json(folder / "round_metrics.json")
     text = [prestage_table(load_json(folder / PRESTAGE))] if (folder / PRESTAGE).is_file() else []
+    text += [line for line in (algorithm_line(folder),) if line]
     text.append(run_status_line(folder))
     text.append(round_table(rounds))
     png = Path(png) if png else folder / "dice_per_round.png"

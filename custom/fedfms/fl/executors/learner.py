@@ -140,6 +140,7 @@ class BundleLearner(ModelLearner):
         self.workflow: ConfigWorkflow | None = None
         self.datalist: str | None = None  # this site's datalist in the partition, set by initialize()
         self.settings = SiteSettings()
+        self.initial_local: dict[str, torch.Tensor] = {}  # FedBN: the site-kept layers as built (set by initialize())
 
     def initialize(self) -> None:
         self._apply_site_settings()
@@ -221,14 +222,7 @@ class BundleLearner(ModelLearner):
         self._load_global(model)
         task = model.meta or {}
         state = self._site_state(task)
-        scaffold = ScaffoldSteps(self.trainer, self.network, set(self.exchange_keys)) if task.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL) else None
-        with contextlib.ExitStack() as algorithm:
-            mu = task.get(AlgorithmConstants.FEDPROX_MU)
-            if mu:
-                algorithm.enter_context(proximal_training(self.trainer, self.network, self.received, float(mu)))
-            if scaffold:
-                algorithm.enter_context(scaffold.correcting(task[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL], state.load(SCAFFOLD_CONTROLS)))
-            self._train_local()
+        algorithm_meta = self._train_round(task, state)
         local_dice = float(self.evaluator.state.metrics.get("val_mean_dice", float("nan")))
         self._track("local_val_dice", local_dice)
         params = self._values(self.exchange_keys)
@@ -239,16 +233,30 @@ class BundleLearner(ModelLearner):
             "num_train_samples": self.num_train_samples,
             "local_val_dice": local_dice,
             "datalist": self.datalist,
+            **algorithm_meta,
         }
-        if scaffold:
-            controls = scaffold.finish(self.received)
-            state.save(SCAFFOLD_CONTROLS, controls["local"])
-            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = controls["deltas"]
         if self.initial_local:
             state.save(LOCAL_LAYERS, self._values(self.initial_local))
         if self.ditto_lambda is not None:
             meta["personal_val_dice"] = self._train_personal(state)
         return FLModel(params=params, params_type=ParamsType.DIFF if self.send_weight_diff else ParamsType.FULL, current_round=self.current_round, meta=meta)
+
+    def _train_round(self, task: dict, state: SiteState) -> dict:
+        """The round's local epochs as the task's algorithm asks (FedProx's term, SCAFFOLD's corrections); what the update must add to its meta."""
+        controls = task.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+        scaffold = ScaffoldSteps(self.trainer, self.network, set(self.exchange_keys)) if controls else None
+        with contextlib.ExitStack() as algorithm:
+            mu = task.get(AlgorithmConstants.FEDPROX_MU)
+            if mu:
+                algorithm.enter_context(proximal_training(self.trainer, self.network, self.received, float(mu)))
+            if scaffold:
+                algorithm.enter_context(scaffold.correcting(controls, state.load(SCAFFOLD_CONTROLS)))
+            self._train_local()
+        if not scaffold:
+            return {}
+        controls = scaffold.finish(self.received)
+        state.save(SCAFFOLD_CONTROLS, controls["local"])
+        return {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: controls["deltas"]}
 
     def _values(self, keys) -> dict[str, torch.Tensor]:
         """A snapshot (not the live tensors) of the network's ``keys``."""
