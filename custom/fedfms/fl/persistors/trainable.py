@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -146,11 +147,16 @@ class TrainableModelPersistor(PTFileModelPersistor):
         Only one name of a shared tensor travels; the file keeps every name, and the last one
         wins when it is loaded, so every name must carry the new value.
         """
+        aliases = self._aliases
+        return {**weights, **{alias: value for key, value in weights.items() for alias in aliases.get(key, ())}}
+
+    @functools.cached_property
+    def _aliases(self) -> dict[str, list[str]]:
+        """Each state-dict name of a tensor with several names, and all its names (the network is fixed: found once)."""
         names: dict[int, list[str]] = {}
         for key, value in self.model.state_dict(keep_vars=True).items():
             names.setdefault(value.data_ptr(), []).append(key)
-        aliases = {key: group for group in names.values() if len(group) > 1 for key in group}
-        return {**weights, **{alias: value for key, value in weights.items() for alias in aliases.get(key, ())}}
+        return {key: group for group in names.values() if len(group) > 1 for key in group}
 
     def _check_update(self, weights: dict) -> None:
         outside = sorted(set(weights) - self.exchanged_names())

@@ -165,10 +165,17 @@ class ResumableFedAvg(WatchedTasks, FedAvg):
         self.rounds_without_improvement = 0
         self.run_id: str | None = None
 
+    #: Algorithms that step on the mean change of the exchanged tensors set their name here: they cannot follow an
+    #: aggregator that re-factorises the averaged weights (LoRA-SVD picks a new basis for the factors every round).
+    needs_mean_change: str | None = None
+
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
         self.validator = self._component(self.validator_id, UpdateValidator)
         self.recorder = self._component(self.recorder_id, ContributionRecorder)
+        if self.needs_mean_change and getattr(self.aggregator, "needs_full_params", False):
+            raise ValueError(f"{self.needs_mean_change} cannot follow {type(self.aggregator).__name__}: it re-factorises the averaged weights, "
+                             "so the factors change basis every round; use fedavg, fedprox or ditto")
 
     def _component(self, component_id: str, kind: type):
         component = self.engine.get_component(component_id)

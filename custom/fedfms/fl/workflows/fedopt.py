@@ -91,6 +91,8 @@ class ResumableFedOpt(ResumableFedAvg):
         kwargs: :class:`ResumableFedAvg` arguments.
     """
 
+    needs_mean_change = "FedOpt"
+
     def __init__(self, *args, optimizer: str = SERVER_OPTIMIZERS["sgd"], optimizer_args: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.optimizer_path = optimizer
@@ -98,12 +100,6 @@ class ResumableFedOpt(ResumableFedAvg):
         self.weights: dict[str, torch.nn.Parameter] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self._saved_state: dict | None = None
-
-    def start_controller(self, fl_ctx) -> None:
-        super().start_controller(fl_ctx)
-        if getattr(self.aggregator, "needs_full_params", False):
-            raise ValueError(f"FedOpt cannot follow {type(self.aggregator).__name__}: it re-factorises the averaged weights, "
-                             "so the change between rounds is no gradient of the exchanged factors; use fedavg or fedprox")
 
     def server_state(self) -> dict:
         state = self.optimizer.state_dict() if self.optimizer is not None else self._saved_state

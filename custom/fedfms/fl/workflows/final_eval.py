@@ -90,12 +90,12 @@ class FinalEvaluation(WatchedTasks, ModelController):
         if not scored:
             self.error("no site scored the final global model (each failed, was lost or did not answer in time): no final test table")
             return
-        rows = _with_average([{"site": s, **scored.get(s, {"note": self._no_scores(s)})} for s in sites], "average", scored, len(sites))
+        rows = _with_average([{"site": s, **scored.get(s, {"note": self._no_scores(s)})} for s in sites], "average", set(scored), len(sites))
         personalised = {site: {**_nan_as_none(_own(r.metrics, PERSONALISED + "_")), "note": r.meta.get(PERSONALISED)}
                         for site, r in answered.items() if site in sites and _own(r.metrics, PERSONALISED + "_")}
         if personalised:
             own = [{"site": f"{PERSONALISED}:{s}", **personalised[s]} for s in sites if s in personalised]
-            rows += _with_average(own, f"{PERSONALISED}:average", {r["site"]: r for r in own}, len(sites))
+            rows += _with_average(own, f"{PERSONALISED}:average", {r["site"] for r in own}, len(sites))
         rows += [self._unseen_row(site, scored, connected) for site in self.evaluate_only_sites]
         self._write(rows)
         for row in rows:
@@ -152,8 +152,8 @@ def _own(metrics: dict, prefix: str = "") -> dict:
     return {k: metrics[prefix + k] for k in TEST_METRICS if prefix + k in metrics}
 
 
-def _with_average(rows: list[dict], name: str, scored: dict, expected: int) -> list[dict]:
-    """``rows`` and their average row over those that were scored."""
+def _with_average(rows: list[dict], name: str, scored: set[str], expected: int) -> list[dict]:
+    """``rows`` and their average row over those whose site is in ``scored``."""
     trained = [r for r in rows if r["site"] in scored]
     return rows + [{"site": name, **{k: _mean([r.get(k) for r in trained]) for k in TEST_METRICS}, "note": f"{len(trained)} of {expected} sites"}]
 

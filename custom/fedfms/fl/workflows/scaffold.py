@@ -15,6 +15,8 @@ it can neither refuse a bad update nor resume. Here ``c`` is saved with every gl
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from nvflare.apis.fl_constant import FLMetaKey
@@ -31,21 +33,20 @@ CONTROLS_STATE = "scaffold_global_controls"
 class ResumableScaffold(ResumableFedAvg):
     """:class:`ResumableFedAvg` with SCAFFOLD's control variates (see the module docstring)."""
 
+    needs_mean_change = "SCAFFOLD"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.controls: dict[str, torch.Tensor] | None = None  # torch: the persistor saves meta for a weights-only load
 
-    def start_controller(self, fl_ctx) -> None:
-        super().start_controller(fl_ctx)
-        if getattr(self.aggregator, "needs_full_params", False):
-            raise ValueError(f"SCAFFOLD cannot follow {type(self.aggregator).__name__}: it re-factorises the averaged weights, "
-                             "so control variates of the factors would correct towards another basis; use fedavg or fedprox")
+    @functools.cached_property
+    def trainable(self) -> set[str]:
+        """The server network's trainable parameter names (fixed for the run)."""
+        return {name for name, p in self.persistor.model.named_parameters() if p.requires_grad}
 
     def control_keys(self, params: dict) -> dict[str, tuple]:
         """The exchanged weights that carry a control variate: the model's trainable parameters (not statistics)."""
-        network = self.persistor.model
-        trainable = {name for name, p in network.named_parameters() if p.requires_grad}
-        return {k: tuple(np.shape(v)) for k, v in params.items() if k in trainable}
+        return {k: tuple(np.shape(v)) for k, v in params.items() if k in self.trainable}
 
     def server_state(self) -> dict:
         return {**super().server_state(), CONTROLS_STATE: self.controls}
