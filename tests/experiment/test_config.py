@@ -24,6 +24,13 @@ def config_text(methods: str = "  - {bundle: fedmsa_prostate}", data: str = "dem
     return extra + BASE.format(data=data, methods=methods)
 
 
+def prepared_folder(tmp_path) -> str:
+    """A data folder of its own: job options check that it exists, and CI has no demo data."""
+    folder = tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    return str(folder)
+
+
 def test_shipped_configs_load():
     assert shipped_configs() == ["algorithms", "compression", "cpu", "flapsam", "fminit", "paper"]
     cpu = load_config("cpu")
@@ -73,7 +80,7 @@ def test_compression_is_a_method_dimension_of_its_federated_cells(tmp_path):
 
     methods = """  - {bundle: flapsam_prostate, strategy: flap}
   - {bundle: flapsam_prostate, strategy: flap, compress: nf4}"""
-    config = load_config(write_config(tmp_path, config_text(methods)))
+    config = load_config(write_config(tmp_path, config_text(methods, data=prepared_folder(tmp_path))))
     plain, nf4 = config.methods
     assert (plain.name, plain.compress, nf4.name, nf4.compress) == ("flapsam", None, "flapsam_nf4", "nf4")
     assert make_cell(config, nf4, "local")["compress"] is None  # only a federated exchange is compressed
@@ -88,7 +95,7 @@ def test_the_federated_algorithm_is_a_method_dimension_of_its_federated_cells(tm
     methods = """  - {bundle: fedmsa_prostate}
   - {bundle: fedmsa_prostate, algorithm: fedopt, algorithm_options: {server_optimizer: adam, server_lr: 0.01}}
   - {bundle: flapsam_prostate, strategy: flap, algorithm: ditto}"""
-    config = load_config(write_config(tmp_path, config_text(methods)))
+    config = load_config(write_config(tmp_path, config_text(methods, data=prepared_folder(tmp_path))))
     plain, fedadam, ditto = config.methods
     assert (plain.name, fedadam.name, ditto.name) == ("fedmsa", "fedmsa_fedopt", "flapsam_ditto")
     assert make_cell(config, fedadam, "local")["algorithm"] is None  # only a federation has an algorithm
