@@ -119,3 +119,9 @@ def test_training_sites_name_the_missing_data(tmp_path):
     assert training_sites(base_cell(data=str(tmp_path))) == ["A", "B"]
     with pytest.raises(DataError, match="no datalist for site\\(s\\) C; available: A, B"):
         training_sites(base_cell(data=str(tmp_path), sites=["A", "C"]))
+
+
+def test_round_records_end_with_the_final_models_validation(tmp_path):
+    app = app_folder(tmp_path)
+    (app / "best_model.json").write_text(json.dumps({"round": 1, "metric": 0.7, "final_model": {"round": 3, "metric": 0.85, "sites": {"A": 0.8, "B": 0.9}}}))
+    assert round_records(app)["rounds"][-1] == {"round": 3, "mean_global_val_dice": pytest.approx(0.85), "sites": 2}

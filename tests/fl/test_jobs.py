@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -81,6 +82,12 @@ def _weighted_mean_of_sent(run: Run, round_: int, sites: list[str], key: str) ->
     return sum(w * u["data"][key].double() for w, u in zip(weights, updates)) / sum(weights)
 
 
+def _mean_global_val_dice(app: Path) -> dict[int, float]:
+    """Per round from round 1, the mean validation Dice the sites gave the model they received, as the job's model selector takes it."""
+    rows = [r for r in json.loads((app / "round_metrics.json").read_text()) if r["accepted"] and r["global_val_dice"] is not None]
+    return {n: float(np.mean([r["global_val_dice"] for r in rows if r["round"] == n])) for n in {r["round"] for r in rows if r["round"] > 0}}
+
+
 TINY = {"size": "tiny", "pretrained": False}  # the same job on a tiny SAM: the pretrained LiteMedSAM path runs in the fedsam test
 
 
@@ -99,6 +106,11 @@ def test_fedmsa_job_exchanges_trainable_weights_weighted_by_samples(fedmsa_run, 
         assert [e.step for e in events.Scalars("train_loss")] == [0, 1]
     assert (app / "final_test.csv").read_text().startswith("site,dice_2d,iou_2d,dice_3d")
     assert (app / "best_FL_global_model.pt").is_file()  # IntimeModelSelector + persistor keep the best global model
+    # No round scores the final model: the final evaluation does, and it is the best model when it beats the rounds' best.
+    best = json.loads((app / "best_model.json").read_text())
+    assert best["final_model"]["round"] == 2 and "validation Dice of the final global model: site-1 " in fedmsa_run.log
+    final_is_best = best["final_model"]["metric"] > max(_mean_global_val_dice(app).values())  # round 0's model is the initial one
+    assert (best["round"] == 2) == final_is_best == same_model(app / "best_FL_global_model.pt", app / "FL_global_model.pt")
     # The report reads those tables and draws the plot.
     assert main(["report", str(fedmsa_run.workspace)]) == 0
     assert (app / "dice_per_round.png").read_bytes()[:4] == b"\x89PNG"

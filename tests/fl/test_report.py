@@ -151,3 +151,15 @@ def test_report_shows_the_personalised_scores_beside_the_global_ones(tmp_path, c
     out = capsys.readouterr().out
     assert "(personalised: each site's own model, Ditto's or FedBN's, on the same split)" in out
     assert "personalised:site-1      0.7000" in out and "Ditto's personal model" in out
+
+
+@pytest.mark.parametrize("final, line", [
+    ({"round": 2, "metric": 0.7}, "best global model: the one sent in round 2, mean validation Dice 0.7000; the final model (after 2 rounds) scored 0.7000, so it is the best"),
+    ({"round": 2, "metric": 0.55}, "best global model: the one sent in round 1, mean validation Dice 0.6000; the final model (after 2 rounds) scored 0.5500"),
+])
+def test_report_says_which_model_is_the_best_one(final, line, tmp_path, capsys):
+    best = {"round": 2, "metric": 0.7} if final["metric"] > 0.6 else {"round": 1, "metric": 0.6}
+    _write(tmp_path, best_model={**best, "final_model": final})
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert line in out and (", so it is the best" in out) == (final["metric"] > 0.6)

@@ -38,7 +38,7 @@ from statistics import fmean
 import numpy as np
 
 from fedfms.errors import DataError
-from fedfms.fl.report import FINISHED, row_status
+from fedfms.fl.report import BEST, FINISHED, row_status
 from fedfms.io import atomic_write, load_json, save_json
 
 CELL_FILE = "cell.json"
@@ -236,12 +236,15 @@ def federated_rows(app: Path, code: int, sites: list[str], unseen: str | None) -
 
 
 def round_records(app: Path) -> dict:
-    """Per round, the global model's mean validation Dice over the sites; bytes per round; contributions by status."""
+    """Per round, the global model's mean validation Dice over the sites (the final model's last); bytes per round; contributions by status."""
     rows = load_json(app / "round_metrics.json")
     dice = defaultdict(list)
     for r in rows:
         if r.get("global_val_dice") is not None:
             dice[r["round"]].append(r["global_val_dice"])
+    final = (load_json(app / BEST) if (app / BEST).is_file() else {}).get("final_model")
+    if final and final.get("sites"):  # the final model, scored after the rounds by the final evaluation
+        dice[final["round"]] = list(final["sites"].values())
     accepted_rows = [r for r in rows if row_status(r) == "accepted"]
     accepted = [r["bytes_received"] for r in accepted_rows]
     wire_up = [r["wire_bytes_up"] for r in accepted_rows if r.get("wire_bytes_up") is not None]

@@ -47,7 +47,7 @@ BYTES_RULE = (
     "wire bytes up: the same update as NVFlare serialised it, measured at the site (fedfms.fl.filters.wire)"
 )
 PARAMS_RULE = "parameters: trainable and total of the method's network (fedfms.models.count_parameters)"
-VALIDATION_RULE = "validation Dice: MONAI MeanDice over the validation slices with organ (empty-label slices ignored), the global model scored at each site before local training; r0 = the initial model"
+VALIDATION_RULE = "validation Dice: MONAI MeanDice over the validation slices with organ (empty-label slices ignored), the global model scored at each site before local training; r0 = the initial model, the last column the final model (scored after the rounds by the final evaluation)"
 FEDFMS_ROWS = ("FedSAM", "FedMSA", "SAM", "MSA", "FedSAM-PT", "FedMSA-PT", "SAM-PT", "MSA-PT", "FedU-Net", "FednnU-Net")
 SAM_NAMES = {"full": "SAM", "msa": "MSA"}
 FLAPSAM_NAMES = {"full": "FullFT", "attn": "AttnFT", "dec": "DecFT", "pdec": "PDecFT", "lora": "LoRAFT", "lora_dec": "LoRADecFT", "flap": "FLAP-SAM"}

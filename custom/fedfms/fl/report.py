@@ -22,6 +22,7 @@ PRESTAGE = "prestage.json"  # written by fedfms.fl.workflows.fminit.FMInstructed
 RUN_STATUS = "run_status.json"  # written by fedfms.fl.widgets.recorder.ContributionRecorder
 FINISHED = ("completed", "stopped_early")  # how a run that did its work ends: every round, or early on purpose (patience)
 FINAL_TEST = "final_test.json"
+BEST = "best_model.json"  # written by fedfms.fl.widgets.selector.ResumableModelSelector
 STATUS_ORDER = ("accepted", "rejected", "failed", "timed_out", "lost", "late")
 # Validation is the bundles' dice_metric: MONAI MeanDice with its default ignore_empty=True.
 VALIDATION_RULE = "MONAI MeanDice over the validation slices with organ: empty-label slices are ignored"
@@ -157,6 +158,18 @@ def algorithm_line(folder: Path) -> str | None:
     return f"algorithm: {text}{stop}"
 
 
+def best_model_line(folder: Path) -> str | None:
+    """Which global model ``best_FL_global_model.pt`` holds and its mean validation Dice, beside the final model's (None without a record)."""
+    if not (folder / BEST).is_file():
+        return None
+    best = load_json(folder / BEST)
+    final = best.get("final_model")
+    text = f"best global model: the one sent in round {best['round']}, mean validation Dice {best['metric']:.4f}"
+    if final:
+        text += f"; the final model (after {final['round']} rounds) scored {final['metric']:.4f}" + (", so it is the best" if final["round"] == best["round"] else "")
+    return text
+
+
 def final_table(rows: list[dict]) -> str:
     """The final test scores per site; the lines under the title state the rule of every column.
 
@@ -232,5 +245,6 @@ def report(workspace: str | os.PathLike, png: str | os.PathLike | None = None) -
         text.append(f"no final test scores ({folder / FINAL_TEST}): the run did not reach its final evaluation")
         raise IncompleteRun("\n\n".join(text))
     text.append(final_table(load_json(folder / FINAL_TEST)))
+    text += [line for line in (best_model_line(folder),) if line]
     text.append(f"plot: {png}")
     return "\n\n".join(text)

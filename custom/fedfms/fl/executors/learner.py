@@ -291,7 +291,9 @@ class BundleLearner(ModelLearner):
             self._refuse_if_evaluate_only("validation")
         self._load_global(model)
         if testing:
-            scores = self._test_global_and_personalised(model.meta or {})
+            # The rounds never score the final model (no round follows): its validation Dice goes with its test scores.
+            validation = {} if self.evaluate_only else {"val_mean_dice": self._validate()}
+            scores = {**self._test_global_and_personalised(model.meta or {}), **validation}
             kind = ("Ditto's personal model" if self.ditto_lambda is not None else "the global weights with the site's own normalisation layers (FedBN)")
             return FLModel(metrics=scores, meta={"personalised": kind} if any(k.startswith(PERSONALISED) for k in scores) else {})
         dice = self._validate()

@@ -16,7 +16,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from torch import nn
 
 from fedfms.errors import DataError
-from fedfms.io import load_torch_file
+from fedfms.io import atomic_write, load_torch_file
 from fedfms.fl.exchange import exchanged_keys
 from fedfms.paths import resolve_path
 
@@ -166,6 +166,10 @@ class TrainableModelPersistor(PTFileModelPersistor):
             array = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
             if array.is_floating_point() and not bool(torch.isfinite(array).all()):
                 raise ValueError(f"refusing to save the global model: {key} holds non-finite values")
+
+    def keep_final_as_best(self) -> None:
+        """The last saved global model becomes the best one (it out-scored the best of the rounds; see FinalEvaluation)."""
+        atomic_write(self._best_ckpt_save_path, lambda tmp: shutil.copyfile(self._ckpt_save_path, tmp))
 
     def final_model(self, fl_ctx: FLContext) -> ModelLearnable | None:
         """The last saved global model (exchanged part), or None before any was saved."""

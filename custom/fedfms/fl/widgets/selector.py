@@ -12,9 +12,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 
 from fedfms.fl.persistors.trainable import resume_folder
+from fedfms.fl.report import BEST
 from fedfms.io import load_json, save_json
-
-BEST = "best_model.json"
 
 
 class ResumableModelSelector(IntimeModelSelector):
@@ -46,6 +45,29 @@ class ResumableModelSelector(IntimeModelSelector):
         if shareable is None or shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             return False
         return super()._before_accept(fl_ctx)
+
+    def consider_final(self, scores: dict[str, float], steps: dict[str, float], rounds: int) -> bool:
+        """Whether the final global model beats the best of the rounds; ``best_model.json`` records its score either way.
+
+        No round follows the last aggregation, so the rounds never score the final model: the
+        final evaluation asks the sites for its validation score (``scores``, per site) and this
+        weighs them as the rounds' scores are weighed (``steps``: each site's training samples).
+        The final model counts as the one sent in round ``rounds`` (the completed rounds).
+        """
+        weights = {site: (steps.get(site, 1.0) if self.weigh_by_local_iter else 1.0) * self.aggregation_weights.get(site, 1.0) for site in scores}
+        if not scores or not sum(weights.values()):
+            return False
+        raw = sum(scores[site] * weights[site] for site in scores) / sum(weights.values())
+        score = -raw if self.negate_key_metric else raw
+        better = score > self.best_val_metric
+        if better:
+            self.best_val_metric, self.best_raw_val_metric = score, raw
+        if self.folder is not None:
+            best = load_json(self.folder / BEST) if (self.folder / BEST).is_file() else {}
+            best = {"round": rounds, "metric": float(score)} if better else best
+            final = {"round": rounds, "metric": float(score), "sites": {site: float(v) for site, v in sorted(scores.items())}}
+            save_json(self.folder / BEST, {**best, "final_model": final})
+        return better
 
     def _before_aggregate(self, fl_ctx: FLContext) -> None:
         best = self.best_val_metric

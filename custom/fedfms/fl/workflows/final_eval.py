@@ -13,7 +13,10 @@ from fedfms.bundle import TEST_METRICS
 from fedfms.data.partition import UNSEEN
 from fedfms.fl.exchange import RUN_ID
 from fedfms.fl.checks.liveness import SiteWatch, WatchedTasks
+from fedfms.fl.persistors.trainable import BEST_MODEL, COMPLETED_ROUNDS
 from fedfms.fl.widgets.recorder import ContributionRecorder
+from fedfms.fl.workflows.fedavg import KEY_METRIC
+from fedfms.fl.widgets.selector import ResumableModelSelector
 from fedfms.io import save_csv, save_json
 
 TEST_SPLIT = "testing"
@@ -45,6 +48,12 @@ class FinalEvaluation(WatchedTasks, ModelController):
     ``personalised:average`` follow the global ones. The ``evaluate_only_sites`` of a
     leave-one-site-out job (hospitals that never trained) score the model on their own data like
     the others; their rows are named ``unseen:<SITE>`` and are not part of the average.
+
+    The training sites also send the final model's validation Dice: no round follows the last
+    aggregation, so the rounds never scored that model. The model selector (``selector_id``)
+    weighs these scores as it weighs the rounds' and, when the final model beats the best of the
+    rounds, the persistor's best model becomes a copy of it; ``best_model.json`` records the final
+    model's score either way (``final_model``).
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class FinalEvaluation(WatchedTasks, ModelController):
         task_check_period: float = 0.5,
         wait_time_after_min_received: int = 60,
         recorder_id: str = "contributions",
+        selector_id: str = "model_selector",
         liveness_interval: float = 10.0,
         liveness_timeout: float = 10.0,
         liveness_misses: int = 2,
@@ -70,6 +80,7 @@ class FinalEvaluation(WatchedTasks, ModelController):
         self.task_timeout = int(task_timeout)
         self.wait_time_after_min_received = int(wait_time_after_min_received)
         self.recorder_id = recorder_id
+        self.selector_id = selector_id
         self.watch = SiteWatch(liveness_interval, liveness_timeout, liveness_misses)
         self._holders: set[str] = set()
 
@@ -79,6 +90,7 @@ class FinalEvaluation(WatchedTasks, ModelController):
             self.warning("no global model was saved; nothing to evaluate")
             return
         model = FLModelUtils.from_model_learnable(learnable)
+        rounds = int((model.meta or {}).get(COMPLETED_ROUNDS) or 0)
         model.meta = {"split": TEST_SPLIT, RUN_ID: (model.meta or {}).get(RUN_ID)}  # the run id: where sites keep their personal models
         connected = sorted(client.name for client in self.engine.get_clients())
         sites = [s for s in connected if s not in self.evaluate_only_sites]
@@ -98,6 +110,7 @@ class FinalEvaluation(WatchedTasks, ModelController):
             rows += _with_average(own, f"{PERSONALISED}:average", {r["site"] for r in own}, len(sites))
         rows += [self._unseen_row(site, scored, connected) for site in self.evaluate_only_sites]
         self._write(rows)
+        self._keep_final_if_best({s: r.metrics for s, r in answered.items() if s in sites}, rounds)
         for row in rows:
             self.info(f"final test {row['site']}: " + ", ".join(f"{k} {row.get(k)}" for k in TEST_METRICS) + (f" ({row['note']})" if row.get("note") else ""))
 
@@ -115,12 +128,26 @@ class FinalEvaluation(WatchedTasks, ModelController):
         self.wait_watched(targets, answered, lambda site, why: self.warning(f"{site} is lost: {why}"))
         return results
 
+    def _keep_final_if_best(self, metrics: dict[str, dict], rounds: int) -> None:
+        """The final model's validation scores (sent with the test scores) to the model selector; the best model file follows it."""
+        scores = {site: float(m[KEY_METRIC]) for site, m in metrics.items() if math.isfinite(float(m.get(KEY_METRIC, math.nan)))}
+        if scores:
+            self.info("validation Dice of the final global model: " + ", ".join(f"{site} {v:.4f}" for site, v in sorted(scores.items())))
+        selector = self.engine.get_component(self.selector_id)
+        if not scores or not isinstance(selector, ResumableModelSelector):
+            return
+        steps = {row["site"]: row["num_train_samples"] or 1.0 for row in self._recorder_rows() if row["accepted"]}
+        if selector.consider_final(scores, steps, rounds):
+            self.persistor.keep_final_as_best()
+            self.info(f"the final global model is the best one: {BEST_MODEL} is now a copy of it")
+
+    def _recorder_rows(self) -> list[dict]:
+        recorder = self.engine.get_component(self.recorder_id)
+        return recorder.rows if isinstance(recorder, ContributionRecorder) else []
+
     def _lost_in_rounds(self) -> dict[str, str]:
         """Sites whose last contribution row says ``lost`` (the rounds' recorder, if the job has one)."""
-        recorder = self.engine.get_component(self.recorder_id)
-        if not isinstance(recorder, ContributionRecorder):
-            return {}
-        last = {row["site"]: row for row in recorder.rows}
+        last = {row["site"]: row for row in self._recorder_rows()}
         return {site: f"lost in round {row['round']}: {row['reason']}" for site, row in last.items() if row["status"] == "lost"}
 
     def _no_scores(self, site: str) -> str:
