@@ -31,7 +31,7 @@ demo: venv
 	$(call simulate,fminit_prostate,demo/workspace_fminit)
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=30
 
 clean-demo:
 	rm -rf demo

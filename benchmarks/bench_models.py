@@ -1,6 +1,6 @@
 """Forward+backward time per sample and peak memory of every fine-tuning strategy, on this CPU.
 
-    .venv/bin/python benchmarks/bench_models.py [--configs small,vit_b,lite128,lite256,teacher] [--iters 3]
+    .venv/bin/python benchmarks/bench_models.py [--configs small,vit_b,lite128,lite256,teacher] [--iters 3] [--amp]
 
 Configurations: ``small`` (the CPU size at 128 px, batch 4), ``vit_b`` (ViT-B at 224, the FLAP-SAM
 setting, batch 2), ``lite128`` and ``lite256`` (LiteMedSAM's TinyViT at 128 and 256 px, batch 2
@@ -9,7 +9,8 @@ strategy runs in its own process so its peak memory (VmHWM) is its own: one warm
 ``--iters`` timed steps of forward, loss and backward. Frozen encoders (``dec``, ``pdec``) run
 without autograd state. Ratios are against ``full``. ``teacher`` times the pretrained LiteMedSAM
 teacher (packaged weights, box prompt, 256 px, one slice per call) per slice, as the FM-instructed
-pre-stage runs it.
+pre-stage runs it. ``--amp`` also times every strategy under bf16 autocast (the bundles' ``amp``
+option on a CPU, :class:`fedfms.inferers.AutocastInferer`) and prints its ratio to float32.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import time
 import torch
 
 from common import peak_rss_mb, run_child
+from monai.inferers import SimpleInferer
+
+from fedfms.inferers import AutocastInferer
 from fedfms.models import STRATEGIES, build_model, count_parameters
 from fedfms.models.teacher import build_teacher
 
@@ -28,16 +32,17 @@ CONFIGS = {"small": ("small", 128, 4), "vit_b": ("vit_b", 224, 2), "lite128": ("
 TEACHER = "teacher"
 
 
-def measure(config: str, strategy: str, iters: int) -> dict:
+def measure(config: str, strategy: str, iters: int, amp: bool = False) -> dict:
     size, image_size, batch = CONFIGS[config]
     torch.manual_seed(0)
     model = build_model("flapsam", strategy, size, image_size, num_classes=1, lora_init="default")
     x = torch.rand(batch, 1, image_size, image_size)
     target = (torch.rand(batch, image_size, image_size) > 0.5).long()
+    infer = AutocastInferer() if amp else SimpleInferer()
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
+        torch.nn.functional.cross_entropy(infer(x, model), target).backward()
 
     step()  # warm-up: allocator and kernels
     start = time.perf_counter()
@@ -65,11 +70,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,vit_b,lite128,lite256,teacher", help=f"comma-separated: {', '.join([*CONFIGS, TEACHER])}")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--amp", action="store_true", help="also time each strategy under bf16 autocast")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         config, strategy = args.child
-        print(json.dumps(measure_teacher(args.iters) if config == TEACHER else measure(config, strategy, args.iters)))
+        print(json.dumps(measure_teacher(args.iters) if config == TEACHER else measure(config, strategy, args.iters, args.amp)))
         return
     print(f"torch threads: {torch.get_num_threads()}")
     for config in args.configs.split(","):
@@ -79,13 +85,17 @@ def main() -> None:
             continue
         size, image_size, batch = CONFIGS[config]
         print(f"\n{config}: FLAP-SAM decoder, size {size}, image {image_size}, batch {batch}")
-        print(f"  {'strategy':<10}{'trainable':>13}{'s/sample':>10}{'vs full':>9}{'peak MB':>9}")
+        amp_header = f"{'bf16 s/sample':>14}{'fp32/bf16':>10}" if args.amp else ""
+        print(f"  {'strategy':<10}{'trainable':>13}{'s/sample':>10}{'vs full':>9}{'peak MB':>9}{amp_header}")
         results = {s: run_child(__file__, ["--child", config, s, "--iters", str(args.iters)]) for s in STRATEGIES}
+        amp = {s: run_child(__file__, ["--child", config, s, "--iters", str(args.iters), "--amp"]) for s in STRATEGIES} if args.amp else {}
         full = results["full"]["seconds_per_sample"]
         for strategy, r in results.items():
+            bf16 = amp[strategy]["seconds_per_sample"] if amp else None
+            amp_cells = f"{bf16:>14.3f}{r['seconds_per_sample'] / bf16:>9.2f}x" if amp else ""
             print(
                 f"  {strategy:<10}{r['trainable']:>13,}{r['seconds_per_sample']:>10.3f}"
-                f"{r['seconds_per_sample'] / full:>8.2f}x{r['peak_mb']:>9.0f}"
+                f"{r['seconds_per_sample'] / full:>8.2f}x{r['peak_mb']:>9.0f}{amp_cells}"
             )
 
 

@@ -1,4 +1,4 @@
-"""SliceInferer: networks whose outputs are known functions of their inputs, so results are checked by hand."""
+"""SliceInferer: networks whose outputs are known functions of their inputs, so results are checked by hand; AutocastInferer against full precision."""
 
 from __future__ import annotations
 
@@ -201,3 +201,22 @@ def test_network_output_must_match_the_mode():
         SliceInferer(8, num_slices=3, input_mode="slices")(volume, lambda x: x[:, :1])
     with pytest.raises(ValueError, match="'channels' mode the network must return 3 predictions"):
         SliceInferer(8, num_slices=3)(volume, own_slices)
+
+
+def test_autocast_inferer_gives_float32_logits_close_to_full_precision():
+    from fedfms.inferers import AutocastInferer, training_inferer
+    from fedfms.models import build_model
+
+    torch.manual_seed(0)
+    network = build_model("flapsam", "flap", size="tiny", image_size=32, num_classes=1).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        full, half = network(x), AutocastInferer()(x, network)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert not torch.equal(half, full)  # bf16 kernels did run
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05 * full.abs().max().item())
+    assert isinstance(training_inferer(True, "cpu"), AutocastInferer)
+    assert not isinstance(training_inferer(True, "cuda"), AutocastInferer)  # on GPUs MONAI's own amp applies
+    assert not isinstance(training_inferer(False, "cpu"), AutocastInferer)
+    with pytest.raises(ValueError, match="unknown autocast dtype 'int8'"):
+        AutocastInferer("int8")

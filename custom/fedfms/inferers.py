@@ -1,4 +1,4 @@
-"""Inference of 2D slice networks on whole 3D volumes.
+"""Inference of 2D slice networks on whole 3D volumes, and mixed-precision inference on CPUs.
 
 Training feeds the networks N-slice stacks cut from volumes whose slices were resized to S x S
 (:mod:`fedfms.transforms.slicing`, :func:`fedfms.data.prepare.slice_transform`). Evaluation and
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SimpleInferer
 from monai.utils import convert_data_type, convert_to_dst_type
 
 from fedfms.models.inputs import INPUT_MODES
@@ -111,3 +111,34 @@ class SliceInferer(Inferer):
             total.index_add_(0, targets[start : start + self.batch_size].flatten().to(out.device), out)
         counts = torch.bincount(targets.flatten(), minlength=depth).to(total.device, total.dtype)
         return total / counts.view(-1, 1, 1, 1)
+
+
+class AutocastInferer(Inferer):
+    """MONAI's ``SimpleInferer`` under ``torch.autocast``: reduced-precision kernels, float32 logits out.
+
+    The bundles' ``amp`` option uses it on CPUs (bf16: native on CPUs with AVX512-BF16 or AMX);
+    on GPUs MONAI's own ``amp`` of its trainer and evaluator applies (fp16 with a gradient scaler),
+    because MONAI's engines autocast only on CUDA. bf16 keeps float32's exponent range, so no
+    gradient scaling is needed; the loss is computed on float32 logits.
+
+    Args:
+        dtype: ``bfloat16`` (default) or ``float16``.
+    """
+
+    DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+    def __init__(self, dtype: str = "bfloat16") -> None:
+        super().__init__()
+        if dtype not in self.DTYPES:
+            raise ValueError(f"unknown autocast dtype {dtype!r}; expected one of {', '.join(self.DTYPES)}")
+        self.dtype = self.DTYPES[dtype]
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(inputs.device.type, dtype=self.dtype):
+            out = network(inputs, *args, **kwargs)
+        return out.float()
+
+
+def training_inferer(amp: bool, device: torch.device | str) -> Inferer:
+    """The bundles' train/validate inferer: :class:`AutocastInferer` when ``amp`` is on and the device is a CPU, else ``SimpleInferer``."""
+    return AutocastInferer() if amp and torch.device(device).type == "cpu" else SimpleInferer()

@@ -53,6 +53,8 @@ def test_the_environment_names_a_file_per_site_and_wins(kit, tmp_path, monkeypat
         ({"num_threads": 0}, "num_threads must be a whole number >= 1, got 0"),
         ({"device": "gpu7"}, "device 'gpu7' is not a torch device"),
         ({"dataset_dir": ""}, "dataset_dir must be a non-empty string"),
+        ({"dataset_cache_mb": -1}, "dataset_cache_mb must be a number of MiB >= 0, got -1"),
+        ({"embedding_cache_mb": "2G"}, "embedding_cache_mb must be a number of MiB >= 0, got '2G'"),
         (["/data"], "site settings must be a JSON object"),
     ],
 )
@@ -66,3 +68,16 @@ def test_unreadable_json_names_the_file(kit):
     (kit / SETTINGS_FILE).write_text("{dataset_dir: ")
     with pytest.raises(DataError, match="cannot read the site settings"):
         read_site_settings("RUNMC", kit)
+
+
+def test_cache_bounds_become_bundle_overrides_that_win_over_the_jobs(kit, tmp_path):
+    from fedfms.fl.executors.learner import BundleLearner
+
+    (tmp_path / "data").mkdir()
+    _write(kit / SETTINGS_FILE, {"dataset_dir": str(tmp_path / "data"), "dataset_cache_mb": 0, "embedding_cache_mb": 256.5})
+    learner = BundleLearner("bundles/flapsam_prostate", overrides={"dataset_cache_mb": 4096, "batch_size": 2})
+    learner.site_name, learner.workspace = "RUNMC", None
+    learner.settings = read_site_settings("RUNMC", kit)
+    learner.resolved_data = tmp_path / "data"
+    overrides = learner._bundle_overrides()
+    assert (overrides["dataset_cache_mb"], overrides["embedding_cache_mb"], overrides["batch_size"]) == (0, 256.5, 2)

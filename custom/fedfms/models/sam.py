@@ -28,6 +28,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
+from fedfms.models.embedding_cache import EmbeddingCache
 from fedfms.models.inputs import INPUT_MODES, slices_to_batch
 from fedfms.models.litemedsam import LITE, LiteImageEncoder, TinyViTSize
 
@@ -176,6 +177,7 @@ class SamSegmenter(nn.Module):
         self.image_size = image_size
         self.input_mode = input_mode
         self.image_encoder = build_image_encoder(arch, image_size)
+        self.embedding_cache: EmbeddingCache | None = None  # see cache_embeddings()
         self.prompt_encoder = build_prompt_encoder(arch, image_size)
         transformer = build_two_way_transformer(arch)
         if decoder == "flap":
@@ -210,11 +212,22 @@ class SamSegmenter(nn.Module):
         return self.head(masks) if self.head is not None else masks
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image embeddings; a fully frozen encoder (dec, pdec) runs without building autograd state."""
+        """Image embeddings; a fully frozen encoder (dec, pdec) runs without building autograd state.
+
+        With an :attr:`embedding_cache` (:meth:`cache_embeddings`), a fully frozen encoder's
+        embedding of an image is computed once and reused (the same images recur every epoch).
+        """
         if any(p.requires_grad for p in self.image_encoder.parameters()):
             return self.image_encoder(x)
+        if self.embedding_cache is not None:
+            return self.embedding_cache.embed(self.image_encoder, x)
         with torch.no_grad():
             return self.image_encoder(x)
+
+    def cache_embeddings(self, max_mb: float) -> SamSegmenter:
+        """Keep up to ``max_mb`` MiB of a frozen encoder's embeddings (0: no cache); see :mod:`fedfms.models.embedding_cache`."""
+        self.embedding_cache = EmbeddingCache(max_mb) if max_mb else None
+        return self
 
     def _rgb(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[-2:] != (self.image_size, self.image_size):

@@ -47,7 +47,7 @@ from fedfms.data.partition import UNSEEN, client_datalists, unseen_site
 from fedfms.errors import DataError
 from fedfms.fl.exchange import RUN_ID, exchanged_keys, local_keys
 from fedfms.fl.executors.algorithms import ScaffoldSteps, SiteState, proximal_training
-from fedfms.fl.site_settings import HINT, SiteSettings, read_site_settings
+from fedfms.fl.site_settings import HINT, MEMORY_KEYS, SiteSettings, read_site_settings
 from fedfms.paths import resolve_path
 
 #: Names of a site's state files (:class:`SiteState`) and the prefix of its personalised test scores.
@@ -197,8 +197,9 @@ class BundleLearner(ModelLearner):
         self._keep_initial_local_layers()
 
     def _bundle_overrides(self) -> dict:
-        """Bundle overrides that put this site's data in, its outputs in :attr:`site_dir`, and its device (if set)."""
+        """Bundle overrides that put this site's data in, its outputs in :attr:`site_dir`, and its device and cache bounds (if set)."""
         device = {"device": f"$torch.device({self.settings.device!r})"} if self.settings.device else {}
+        memory = {key: getattr(self.settings, key) for key in MEMORY_KEYS if getattr(self.settings, key) is not None}
         return {
             "dataset_dir": str(self.resolved_data),
             "datalist_dir": self.datalist_dir,
@@ -207,6 +208,7 @@ class BundleLearner(ModelLearner):
             "log_dir": str(self.site_dir / "logs"),
             **device,
             **self.overrides,
+            **memory,  # the site's own bound wins over the job's
         }
 
     def _workflow(self, extra_configs: list[str], workflow_type: str, **overrides) -> ConfigWorkflow:
