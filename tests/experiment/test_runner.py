@@ -96,7 +96,10 @@ methods:
                 assert saved["image"].shape == (2, 64, 64) and saved["prediction"].shape == saved["label"].shape == (2, 64, 64)
                 assert saved["label"].sum() > 0
     federated = results["flapsam_pt-federated"]
-    assert [p["round"] for p in federated["rounds"]] == [0] and federated["contributions"] == {"accepted": 2}
+    # Round 0 scores the initial model; round 1, the final one (validated by the final evaluation, after the only round).
+    assert [p["round"] for p in federated["rounds"]] == [0, 1] and federated["contributions"] == {"accepted": 2}
+    final = json.loads((out / "cells/flapsam_pt-federated/ws/server/simulate_job/app_server/best_model.json").read_text())["final_model"]
+    assert federated["rounds"][1]["mean_global_val_dice"] == pytest.approx(np.mean(list(final["sites"].values())))
     assert federated["bytes_per_round"] > 0 and federated["run_status"]["status"] == "completed"
     assert (out / "cells/flapsam_pt-federated/ws/server/simulate_job/app_server/final_test.json").is_file()
 
