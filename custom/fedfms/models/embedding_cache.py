@@ -58,7 +58,11 @@ class EmbeddingCache:
             self.clear()
             self._signature = signature
         keys = [self._key(image, encoder.training) for image in images]
-        missing = sorted({i for i, key in enumerate(keys) if key not in self._store})
+        first: dict[bytes, int] = {}  # one encoder pass per new image: neighbouring stacks of a batch share slices
+        for i, key in enumerate(keys):
+            if key not in self._store:
+                first.setdefault(key, i)
+        missing = sorted(first.values())
         fresh: dict[bytes, torch.Tensor] = {}
         if missing:
             with torch.no_grad():
