@@ -243,6 +243,9 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-empty", dest="keep_empty", action="store_false", default=None, help="drop slices without foreground")
     p.add_argument("--axcodes", help="orientation before slicing along the last axis (default RAS)")
     p.add_argument("--image-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--image-store", choices=("compact", "resized"), default="compact",
+                   help="compact (default): images smaller than --image-size are written at their own size and resized on load, "
+                   "giving the same training input; resized: every image written at --image-size")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0, help="seed of the case-level split")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from monai.data import load_decathlon_datalist
 
 import fedfms
@@ -18,6 +19,7 @@ from fedfms.errors import DataError
 from tests.conftest import gland_case, write_nifti, write_saml
 
 SMALL = dict(image_size=16, label_size=8, num_slices=3)
+ULP_TOLERANCE = 1e-6  # images in [0, 1]: a few float32 ulps (6e-8 each)
 
 
 def _quiet(_):
@@ -242,3 +244,43 @@ def test_clinical_rows_without_volumes_are_reported(tmp_path):
     result = prepare(raw, tmp_path / "data", PrepareOptions(**SMALL), log=lines.append)
     assert lines == [f"warning: {table}: no volumes for case(s) Case07, case09; their rows are ignored"]
     assert [c["attributes"]["age"] for c in result.cases] == [60, 55]
+
+
+def test_compact_store_writes_small_images_as_they_are_and_training_reads_the_same_tensors(tmp_path):
+    from fedfms.bundle import bundle_parser, load_datalist
+    from fedfms.distillation.teacher_cache import load_slice
+    from monai.transforms import Compose
+
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=3)  # 20 x 18 in-plane: smaller than 32 x 32
+    options = dict(image_size=32, label_size=8, num_slices=3)
+    prepare(raw, tmp_path / "compact", PrepareOptions(**options), log=_quiet)
+    prepare(raw, tmp_path / "resized", PrepareOptions(image_store="resized", **options), log=_quiet)
+    assert json.loads((tmp_path / "compact" / "prepare.json").read_text())["options"]["image_store"] == "compact"
+    compact, resized = (sorted((tmp_path / d / "images").rglob("*.npy")) for d in ("compact", "resized"))
+    assert [p.name for p in compact] == [p.name for p in resized] and len(compact) == 24
+    assert {np.load(p).shape for p in compact} == {(3, 20, 18)} and {np.load(p).shape for p in resized} == {(3, 32, 32)}
+    labels = [(tmp_path / d / "labels").rglob("*.npy") for d in ("compact", "resized")]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*(sorted(x) for x in labels)))
+
+    # The bundle's sample chain (RestorePreparedSized, then its own resize) gives the same tensors, within
+    # float32 rounding: torch's bilinear kernel may round one ulp differently for 3 channels than for a volume's 8.
+    chain = Compose(bundle_parser("bundles/unet_prostate", ["train.json"], image_size=48, label_size=8).get_parsed_content("sample_transforms"))
+    for split in ("training", "validation", "testing"):
+        for a, b in zip(load_datalist(tmp_path / "compact", split), load_datalist(tmp_path / "resized", split), strict=True):
+            x, y = chain(a), chain(b)
+            assert x["image"].shape == (3, 48, 48) and torch.equal(x["label"], y["label"])
+            assert torch.allclose(x["image"], y["image"], rtol=0, atol=ULP_TOLERANCE)
+    # So does the FM-init teacher's reader (the centre slice at the prepared size).
+    for a, b in zip(compact, resized):
+        assert np.allclose(load_slice(a, image=True), np.load(b)[1], rtol=0, atol=ULP_TOLERANCE)
+
+
+def test_compact_store_keeps_the_resize_when_it_makes_images_smaller(tmp_path):
+    raw = write_saml(tmp_path / "raw", sites=("A",), cases=1)
+    prepare(raw, tmp_path / "data", PrepareOptions(image_size=16, label_size=8, num_slices=1), log=_quiet)
+    assert {np.load(p).shape for p in (tmp_path / "data" / "images").rglob("*.npy")} == {(1, 16, 16)}
+
+
+def test_unknown_image_store_is_refused():
+    with pytest.raises(ValueError, match="image_store must be one of compact, resized, got 'zip'"):
+        PrepareOptions(image_store="zip")

@@ -45,7 +45,7 @@ def test_prepare_through_the_bundle_equals_prepare_with_the_same_flags(raw, tmp_
     assert by_bundle.keys() == by_flags.keys() and len(by_bundle) > 0
     for name, array in by_bundle.items():
         np.testing.assert_array_equal(array, by_flags[name])
-    assert by_bundle["images/RUNMC/Case00_000.npy"].shape == (5, 32, 32)
+    assert by_bundle["images/RUNMC/Case00_000.npy"].shape == (5, 24, 24)  # compact: 24 x 24 slices, resized to 32 on load
     recorded = json.loads((tmp_path / "bundle" / "prepare.json").read_text())["options"]
     assert recorded["bundle"] == FLAPSAM and recorded["overrides"] == ["image_size", "label_size"]
     for name in ("datalists/RUNMC.json", "datalists/BMC.json"):

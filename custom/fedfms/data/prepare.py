@@ -8,11 +8,16 @@ the z-score (which needs the site's statistics), the chain is the ``preprocessin
 a bundle's config: ``fedfms prepare --bundle B`` runs that bundle's, flags alone run the shared
 source every bundle is rendered from (:mod:`fedfms.bundle_files`). Every sample is saved as ``.npy``:
 
-    DATA/images/<site>/<case>_<slice>.npy   float (N, S, S)
+    DATA/images/<site>/<case>_<slice>.npy   float (N, S, S); (N, H, W) if smaller (compact store, below)
     DATA/labels/<site>/<case>_<slice>.npy   uint8 (1 or N, L, L)
     DATA/cases/<site>/<case>.json           what was written for the case, written last
     DATA/datalists/<site>.json              decathlon-style training/validation/testing lists
     DATA/prepare.json                       options, version, statistics, cases and skipped files
+
+With the default compact store (:data:`IMAGE_STORES`) an image smaller than ``image_size`` is
+written without the upsampling, which adds bytes but no information (4 MB a slice at 1024 px);
+:class:`fedfms.transforms.RestorePreparedSized` in the bundles' sample chain resizes it on load,
+so training reads the same tensors (within float32 rounding).
 
 Paths in datalists are relative to the datalist's folder, so ``monai.data.load_decathlon_datalist``
 resolves them without a ``base_dir``. Re-running with the same options and unchanged sources skips
@@ -54,6 +59,11 @@ from fedfms.transforms import SelectChanneld, SliceStacksd
 SPLITS = ("training", "validation", "testing")
 WRITER_THREADS = 4
 VOLUME_ATTRIBUTES = ("shape", "spacing_mm", "num_slices", "gland_volume_ml")  # see _case_attributes
+IMAGE_STORES = {  # how image samples are written; training reads the same tensors either way
+    "compact": "an image smaller than image_size is written at its own in-plane size and resized on load "
+    "(fedfms.transforms.RestorePreparedSized)",
+    "resized": "every image is written at image_size",
+}
 SECTION = "preprocessing_3d"  # the bundle config section that defines the chain
 SECTION_OPTIONS = (  # its options: the PrepareOptions fields a bundle sets
     "axcodes", "lower_percentile", "upper_percentile", "zscore", "num_slices", "all_label_slices",
@@ -82,6 +92,7 @@ class PrepareOptions:
     keep_empty: bool = True
     axcodes: str = "RAS"  # orientation that makes the last axis the axial slice axis
     image_dtype: str = "float32"
+    image_store: str = "compact"  # or "resized": see IMAGE_STORES
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
@@ -105,6 +116,8 @@ class PrepareOptions:
             raise ValueError(f"on_error must be 'stop' or 'skip', got {self.on_error!r}")
         if self.image_dtype not in ("float32", "float16"):
             raise ValueError(f"image_dtype must be float32 or float16, got {self.image_dtype!r}")
+        if self.image_store not in IMAGE_STORES:
+            raise ValueError(f"image_store must be one of {', '.join(IMAGE_STORES)}, got {self.image_store!r}")
         SliceStacksd(["image"], self.num_slices, label_key=None)  # validates num_slices
 
     @property
@@ -152,18 +165,23 @@ class PrepareResult:
     skipped: list[dict] = field(default_factory=list)
 
 
-def preprocessing_section(options: PrepareOptions, part: str) -> list:
+def preprocessing_section(options: PrepareOptions, part: str, keep_image_size: bool = False) -> list:
     """``part`` (``volume`` or ``slices``) of the ``preprocessing_3d`` config section, built with ``options``.
 
     The section is the one definition of the chain: the bundle's own (``options.bundle``) or, for
     flag-only runs, the package's shared bundle source that every bundle is rendered from.
+    ``keep_image_size`` leaves images at their in-plane size (MONAI's -1: keep that dimension), for
+    the compact store; labels are resized as always.
     """
     from fedfms.bundle_files import SHARED, TEMPLATES  # noqa: PLC0415 (the bundle side imports this module's users)
 
     config = resolve_path(options.bundle) / "configs" / "train.json" if options.bundle else TEMPLATES / SHARED
     parser = ConfigParser()
     parser.read_config(str(config))
-    parser[f"{SECTION}#options"] = {name: getattr(options, name) for name in SECTION_OPTIONS}
+    section_options = {name: getattr(options, name) for name in SECTION_OPTIONS}
+    if keep_image_size:
+        section_options |= {"image_size": -1, "label_size": options.label_spatial_size}
+    parser[f"{SECTION}#options"] = section_options
     return parser.get_parsed_content(f"{SECTION}#{part}")
 
 
@@ -185,14 +203,24 @@ def volume_transform(options: PrepareOptions, channel: int | None = None) -> Com
     return Compose(transforms + preprocessing_section(options, "volume"))
 
 
-def slice_transform(options: PrepareOptions, stats: SiteStats | None = None) -> Compose:
-    """Per-volume chain from clipped volume to samples: z-score (per site), then the section's resize and stacking."""
+def slice_transform(options: PrepareOptions, stats: SiteStats | None = None, keep_image_size: bool = False) -> Compose:
+    """Per-volume chain from clipped volume to samples: z-score (per site), then the section's resize and stacking.
+
+    ``keep_image_size``: images keep their in-plane size (see :func:`stores_compact`).
+    """
     transforms = []
     if options.zscore:
         if stats is None:
             raise ValueError("z-score normalisation needs the site's statistics")
         transforms.append(NormalizeIntensityd("image", subtrahend=stats.mean, divisor=stats.std))
-    return Compose(transforms + preprocessing_section(options, "slices"))
+    return Compose(transforms + preprocessing_section(options, "slices", keep_image_size))
+
+
+def stores_compact(options: PrepareOptions, image: torch.Tensor) -> bool:
+    """Whether a channel-first volume's images are written at their own in-plane size: with the
+    compact store, when that holds fewer values than ``image_size`` squared (an upsampling adds none)."""
+    height, width = image.shape[1:3]
+    return options.image_store == "compact" and height * width < options.image_size**2
 
 
 def split_cases(records: Sequence[CaseRecord], options: PrepareOptions) -> dict[tuple[str, str], str]:
@@ -355,7 +383,7 @@ class Preparer:
             manifest_path.unlink()  # stale: nothing may trust the old samples from here on
         volumes = self._load(record)
         attributes = _case_attributes(volumes)
-        samples = slice_transform(self.options, stats)(volumes)
+        samples = slice_transform(self.options, stats, stores_compact(self.options, volumes["image"]))(volumes)
         self._remove_case_samples(record)
         written, writes = self._write_samples(record, samples, writers)
         manifest = {

@@ -34,6 +34,7 @@ import fedfms
 from fedfms.errors import DataError
 from fedfms.io import atomic_write, file_sha256, save_json
 from fedfms.models.teacher import EMPTY_LOGIT, TEACHER_KINDS, BoxPromptTeacher, build_teacher
+from fedfms.transforms.stored import load_prepared_image
 
 CHUNK = 1  # slices per teacher call: on a 2-core CPU one at a time is fastest (2.2 s vs 3.1 s per slice in batches of 8)
 
@@ -98,10 +99,13 @@ class TeacherLogits:
     seconds: float
 
 
-def load_slice(path: str | os.PathLike) -> np.ndarray:
-    """The centre slice (H, W) of a prepared sample (N, H, W): the slice a stack's label belongs to."""
+def load_slice(path: str | os.PathLike, image: bool = False) -> np.ndarray:
+    """The centre slice (H, W) of a prepared sample (N, H, W): the slice a stack's label belongs to.
+
+    An ``image`` is read at its prepared size (:func:`fedfms.transforms.stored.load_prepared_image`).
+    """
     try:
-        array = np.load(path)
+        array = load_prepared_image(path) if image else np.load(path)
     except (OSError, ValueError) as err:
         raise DataError(path, f"cannot be read as a prepared .npy sample ({err})") from err
     if array.ndim != 3:
@@ -139,7 +143,7 @@ def _run_teacher(teacher: BoxPromptTeacher, samples: Sequence[dict], labels: lis
     out = []
     for done in range(0, len(index), CHUNK):
         chunk = index[done : done + CHUNK]
-        images = torch.stack([torch.from_numpy(load_slice(samples[i]["image"]).astype(np.float32)) for i in chunk])[:, None]
+        images = torch.stack([torch.from_numpy(load_slice(samples[i]["image"], image=True)) for i in chunk])[:, None]
         masks = torch.stack([torch.from_numpy(labels[i].astype(np.float32)) for i in chunk])[:, None]
         out.append(teacher(images, masks))
         log(f"teacher: {done + len(chunk)} of {len(index)} foreground slices")

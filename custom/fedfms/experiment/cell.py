@@ -334,9 +334,11 @@ class Predictor:
 
     def slices(self, samples: list[dict]) -> dict[str, np.ndarray]:
         """Image (centre slice), label and thresholded prediction (at the stored label size) of each sample."""
+        from fedfms.transforms.stored import load_prepared_image
+
         images, labels, predictions = [], [], []
         for sample in samples:
-            image, label = np.load(sample["image"]), np.load(sample["label"])
+            image, label = load_prepared_image(sample["image"]), np.load(sample["label"])
             images.append(image[image.shape[0] // 2].astype(np.float32))
             labels.append((label[label.shape[0] // 2] > 0).astype(np.uint8))
             predictions.append(self.predict(sample, labels[-1].shape))

@@ -2,5 +2,6 @@
 
 from fedfms.transforms.checks import CheckVolumed
 from fedfms.transforms.slicing import DepthToChanneld, SelectChanneld, SliceStacksd, stack_indices
+from fedfms.transforms.stored import RestorePreparedSized
 
-__all__ = ["CheckVolumed", "DepthToChanneld", "SelectChanneld", "SliceStacksd", "stack_indices"]
+__all__ = ["CheckVolumed", "DepthToChanneld", "RestorePreparedSized", "SelectChanneld", "SliceStacksd", "stack_indices"]
