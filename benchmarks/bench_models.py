@@ -9,7 +9,7 @@ strategy runs in its own process so its peak memory (VmHWM) is its own: one warm
 ``--iters`` timed steps of forward, loss and backward. Frozen encoders (``dec``, ``pdec``) run
 without autograd state. Ratios are against ``full``. ``teacher`` times the pretrained LiteMedSAM
 teacher (packaged weights, box prompt, 256 px, one slice per call) per slice, as the FM-instructed
-pre-stage runs it. ``--amp`` also times every strategy under bf16 autocast (the bundles' ``amp``
+pre-stage runs it, in float32 and with its encoder in bf16 (``precision``). ``--amp`` also times every strategy under bf16 autocast (the bundles' ``amp``
 option on a CPU, :class:`fedfms.inferers.AutocastInferer`) and prints its ratio to float32.
 """
 
@@ -26,7 +26,7 @@ from monai.inferers import SimpleInferer
 
 from fedfms.inferers import AutocastInferer
 from fedfms.models import STRATEGIES, build_model, count_parameters
-from fedfms.models.teacher import build_teacher
+from fedfms.models.teacher import PRECISIONS, build_teacher, fastest_precision
 
 CONFIGS = {"small": ("small", 128, 4), "vit_b": ("vit_b", 224, 2), "lite128": ("lite", 128, 2), "lite256": ("lite", 256, 1)}  # size, image size, batch
 TEACHER = "teacher"
@@ -52,10 +52,10 @@ def measure(config: str, strategy: str, iters: int, amp: bool = False) -> dict:
     return {"seconds_per_sample": seconds, "peak_mb": peak_rss_mb(), "trainable": count_parameters(model).trainable}
 
 
-def measure_teacher(iters: int) -> dict:
+def measure_teacher(iters: int, precision: str) -> dict:
     """Seconds per slice of the LiteMedSAM teacher on 256 px slices with a box, after one warm-up slice."""
     torch.manual_seed(0)
-    teacher = build_teacher("litemedsam")
+    teacher = build_teacher("litemedsam", precision=precision)
     image = torch.rand(1, 1, 256, 256)
     label = torch.zeros(1, 1, 256, 256)
     label[..., 90:170, 80:180] = 1
@@ -75,13 +75,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         config, strategy = args.child
-        print(json.dumps(measure_teacher(args.iters) if config == TEACHER else measure(config, strategy, args.iters, args.amp)))
+        print(json.dumps(measure_teacher(args.iters, strategy) if config == TEACHER else measure(config, strategy, args.iters, args.amp)))
         return
     print(f"torch threads: {torch.get_num_threads()}")
     for config in args.configs.split(","):
         if config == TEACHER:
-            r = run_child(__file__, ["--child", TEACHER, "-", "--iters", str(args.iters)])
-            print(f"\nteacher: LiteMedSAM (packaged weights), 256 px, box prompt: {r['seconds_per_slice']:.2f} s/slice, peak {r['peak_mb']:.0f} MB")
+            print("\nteacher: LiteMedSAM (packaged weights), 256 px, box prompt, one slice per call")
+            timed = {p: run_child(__file__, ["--child", TEACHER, p, "--iters", str(args.iters)]) for p in PRECISIONS}
+            for precision, r in timed.items():
+                ratio = timed["float32"]["seconds_per_slice"] / r["seconds_per_slice"]
+                print(f"  {precision:<9} {r['seconds_per_slice']:6.2f} s/slice  {ratio:5.2f}x  peak {r['peak_mb']:.0f} MB")
+            print(f"  (this CPU's default, precision auto: {fastest_precision('cpu')})")
             continue
         size, image_size, batch = CONFIGS[config]
         print(f"\n{config}: FLAP-SAM decoder, size {size}, image {image_size}, batch {batch}")

@@ -60,7 +60,7 @@ def test_cache_follows_the_bytes_not_the_paths(proxy_data, tiny_teacher, tmp_pat
     assert again.cache_hit and again.cache_file == first.cache_file
 
 
-@pytest.mark.parametrize("change", ["checkpoint", "box_jitter", "label", "fewer samples"])
+@pytest.mark.parametrize("change", ["checkpoint", "box_jitter", "precision", "label", "fewer samples"])
 def test_cache_is_invalidated_by_any_change(change, proxy_data, tiny_teacher, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(proxy_data, data)
@@ -70,6 +70,8 @@ def test_cache_is_invalidated_by_any_change(change, proxy_data, tiny_teacher, tm
         save_tiny_sam(tmp_path / "teacher.pth", seed=1)
     elif change == "box_jitter":
         teacher = replace(teacher, box_jitter=0.1)
+    elif change == "precision":  # bf16 logits are never taken for float32 ones, nor the reverse
+        teacher = replace(teacher, precision="bfloat16" if teacher.resolved_precision() == "float32" else "float32")
     elif change == "label":
         index = first.foreground.index(True)
         label = np.load(samples[index]["label"])

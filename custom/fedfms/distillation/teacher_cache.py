@@ -33,10 +33,10 @@ import torch
 import fedfms
 from fedfms.errors import DataError
 from fedfms.io import atomic_write, file_sha256, save_json
-from fedfms.models.teacher import EMPTY_LOGIT, TEACHER_KINDS, BoxPromptTeacher, build_teacher
+from fedfms.models.teacher import EMPTY_LOGIT, PRECISIONS, TEACHER_KINDS, BoxPromptTeacher, build_teacher, fastest_precision
 from fedfms.transforms.stored import load_prepared_image
 
-CHUNK = 1  # slices per teacher call: on a 2-core CPU one at a time is fastest (2.2 s vs 3.1 s per slice in batches of 8)
+CHUNK = 1  # slices per teacher call: on a 2-core CPU one at a time is fastest (float32: 2.2 s vs 3.1 s per slice in batches of 8)
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class TeacherSpec:
     """Which teacher runs and how it is prompted; every field is part of the cache key.
 
     ``checkpoint`` None is the kind's packaged weights (``litemedsam``); other kinds need a path.
-    ``image_size`` None is the kind's native input size.
+    ``image_size`` None is the kind's native input size. ``precision`` ``auto`` is
+    :func:`~fedfms.models.teacher.fastest_precision` of the CPU the pre-stage runs on; the key
+    holds the precision used, so logits of another precision are never taken for these.
     """
 
     kind: str = "litemedsam"
@@ -53,10 +55,13 @@ class TeacherSpec:
     image_size: int | None = None
     box_jitter: float = 0.0
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in TEACHER_KINDS:
             raise ValueError(f"unknown teacher kind {self.kind!r}; expected one of {', '.join(TEACHER_KINDS)}")
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise ValueError(f"unknown teacher precision {self.precision!r}; expected auto or one of {', '.join(PRECISIONS)}")
         if self.checkpoint is None and TEACHER_KINDS[self.kind].packaged_checkpoint is None:
             raise ValueError(f"the {self.kind} teacher needs a local checkpoint path (teacher checkpoint)")
 
@@ -70,8 +75,13 @@ class TeacherSpec:
 
     def build(self, output_size: int | tuple[int, int]) -> BoxPromptTeacher:
         return build_teacher(
-            self.kind, self.size, self.checkpoint_path(), self.image_size, box_jitter=self.box_jitter, seed=self.seed, output_size=output_size
+            self.kind, self.size, self.checkpoint_path(), self.image_size, box_jitter=self.box_jitter, seed=self.seed,
+            output_size=output_size, precision=self.resolved_precision(),
         )
+
+    def resolved_precision(self) -> str:
+        """The precision the teacher runs in (``auto``: the fastest this CPU computes natively)."""
+        return fastest_precision("cpu") if self.precision == "auto" else self.precision
 
     def describe(self, output_size: Sequence[int]) -> dict:
         """This teacher as the cache key sees it: the checkpoint by content, not by path."""
@@ -81,6 +91,7 @@ class TeacherSpec:
             **settings,
             "checkpoint_sha256": file_sha256(self.checkpoint_path()),
             "image_size": self.image_size or kind.image_size,
+            "precision": self.resolved_precision(),
             "normalisation": kind.normalisation,
             "empty_logit": EMPTY_LOGIT,
             "output_size": list(output_size),

@@ -14,6 +14,12 @@ slices and labels into the teacher's mask logits at the student's resolution:
 3. the decoder's single-mask output (``multimask_output=False``) is resized bilinearly to the
    output size.
 
+The image encoder, nearly all of a call, runs in ``precision``: ``float32``, or ``bfloat16`` with
+its weights converted and activations in channels-last layout (the encoder's first stage moves
+256 x 256 x 256 activations, so halving their bytes is what pays on a CPU). Prompt encoder and
+decoder stay in float32. :func:`fastest_precision` picks bf16 where the hardware computes it
+natively (AVX512-BF16 or AMX on a CPU; a GPU that supports it).
+
 Slices whose label is empty have no box, so nothing to prompt: the teacher returns the constant
 ``empty_logit`` (default -20, sigmoid ~2e-9: "no object") for them without running the network,
 which also skips the encoder for the many empty slices of a prostate volume.
@@ -42,6 +48,16 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 NORMALISATIONS = ("imagenet", "minmax")
 EMPTY_LOGIT = -20.0
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fastest_precision(device: str | torch.device = "cpu") -> str:
+    """``bfloat16`` where ``device`` computes it natively (measured 2x+ faster for the teacher), else ``float32``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    capabilities = torch.cpu.get_capabilities()
+    return "bfloat16" if device.type == "cpu" and (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")) else "float32"
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class BoxPromptTeacher(nn.Module):
         output_size: (h, w) or an int of the returned logits; ``None``: the input image's (H, W).
         empty_logit: the logit returned everywhere for slices with an empty label.
         normalisation: ``imagenet`` (SAM, SAM-Med2D) or ``minmax`` (LiteMedSAM); see the module docstring.
+        precision: the image encoder's ``float32`` or ``bfloat16`` (see the module docstring).
 
     The model is frozen (no gradients, eval mode even if a parent calls ``train()``) and runs under
     ``torch.no_grad`` (not ``inference_mode``, whose tensors could not be saved by the student's
@@ -127,14 +144,20 @@ class BoxPromptTeacher(nn.Module):
         output_size: int | tuple[int, int] | None = None,
         empty_logit: float = EMPTY_LOGIT,
         normalisation: str = "imagenet",
+        precision: str = "float32",
     ) -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown teacher precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         if not 0.0 <= box_jitter < 0.5:
             raise ValueError(f"box_jitter must be in [0, 0.5), got {box_jitter}")
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {', '.join(NORMALISATIONS)}")
         self.normalisation = normalisation
         self.model = model.requires_grad_(False)
+        self.precision = precision
+        if precision != "float32":
+            model.image_encoder.to(dtype=PRECISIONS[precision], memory_format=torch.channels_last)
         self.image_size: int = model.image_encoder.img_size
         self.box_jitter = box_jitter
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -181,10 +204,17 @@ class BoxPromptTeacher(nn.Module):
         logits = torch.full((image.shape[0], 1, *out_size), self.empty_logit, device=image.device)
         index = present.nonzero()[:, 0]
         if len(index):
-            embeddings = self.model.image_encoder(self.preprocess(image[index]))
+            embeddings = self._encode(self.preprocess(image[index]))
             masks = torch.cat([self._decode(embeddings[i : i + 1], boxes[j : j + 1]) for i, j in enumerate(index)])
             logits[index] = F.interpolate(masks, size=out_size, mode="bilinear", align_corners=False)
         return logits
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embeddings in float32, computed in the teacher's precision."""
+        if self.precision == "float32":
+            return self.model.image_encoder(x)
+        x = x.to(PRECISIONS[self.precision]).contiguous(memory_format=torch.channels_last)
+        return self.model.image_encoder(x).float()
 
     def _decode(self, embedding: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
         """Low-res single-mask logits (1, 1, 4g, 4g) of one image embedding and its box.
@@ -223,7 +253,7 @@ def build_teacher(
     initialised (e.g. plain SAM weights for ``sam_med2d``) or holds adapters the model lacks
     (SAM-Med2D weights for ``sam``) is an error. Other kinds without a checkpoint need
     ``allow_random=True`` (random teachers are for tests only). ``teacher_options`` go to
-    :class:`BoxPromptTeacher` (``box_jitter``, ``seed``, ``output_size``, ``empty_logit``).
+    :class:`BoxPromptTeacher` (``box_jitter``, ``seed``, ``output_size``, ``empty_logit``, ``precision``).
     """
     if kind not in TEACHER_KINDS:
         raise ValueError(f"unknown teacher kind {kind!r}; expected one of {', '.join(TEACHER_KINDS)}")

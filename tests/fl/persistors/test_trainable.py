@@ -107,3 +107,38 @@ def test_every_name_of_a_shared_tensor_is_saved_with_the_new_value(tmp_path):
     loaded = _Shared()
     loaded.load_state_dict(saved)
     assert torch.equal(loaded.block.weight, torch.full((2, 2), 3.0))
+
+
+DEFERRED = {"path": "fedfms.bundle.bundle_network", "args": {"bundle_root": "bundles/unet_prostate", "config_files": ["train.json", "cpu_demo.json"]},
+            "config_type": "dict"}
+
+
+def test_a_deferred_bundle_network_is_built_when_the_run_starts(tmp_path):
+    """The shipped jobs' model config: NVFlare's builder leaves it a dict, the persistor builds it at START_RUN."""
+    from nvflare.fuel.utils.component_builder import ComponentBuilder
+
+    from fedfms.bundle import bundle_network
+
+    class Builder(ComponentBuilder):
+        def get_module_scanner(self):
+            return None
+
+    assert Builder().is_class_config({k: v for k, v in DEFERRED.items() if k != "config_type"})
+    assert not Builder().is_class_config(DEFERRED)  # not built while the server reads its configuration
+    persistor = TrainableModelPersistor(model=dict(DEFERRED))
+    assert isinstance(persistor.model, dict)
+    fl_ctx = _started(persistor, tmp_path)
+    expected = bundle_network(**DEFERRED["args"]).state_dict()
+    assert persistor.model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in persistor.model.state_dict().items())  # seeded: the same initial model
+    assert persistor.load_model(fl_ctx)[ModelLearnableKey.WEIGHTS]
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"path": "subprocess.Popen"}, "must be one of fedfms.bundle.bundle_network"),
+    ({"args": {"bundle_root": "bundles/no_such_bundle"}}, "no MONAI bundle here"),
+    ({"args": {"bundle_root": "bundles/unet_prostate", "config_files": ["train.json", "missing.json"]}}, "does not have"),
+])
+def test_a_deferred_model_is_checked_when_the_job_starts(change, error):
+    with pytest.raises(ValueError, match=error):
+        TrainableModelPersistor(model={**DEFERRED, **change})

@@ -45,6 +45,27 @@ def read_resume_model(resume_from: str | os.PathLike) -> dict:
     return saved
 
 
+#: Model builders a persistor may call at run start from a ``"config_type": "dict"`` model config.
+DEFERRED_MODELS = ("fedfms.bundle.bundle_network",)
+
+
+def check_deferred_model(model: dict) -> None:
+    """Check a model config the persistor builds at run start: a known builder, and a bundle with the named config files."""
+    path, args = model.get("path"), model.get("args") or {}
+    if path not in DEFERRED_MODELS:
+        raise ValueError(f"a model built at run start (config_type dict) must be one of {', '.join(DEFERRED_MODELS)}, not {path!r}; "
+                         "give other models as a component (without config_type) so NVFlare's class allow-list checks them")
+    bundle_root = args.get("bundle_root")
+    if bundle_root is None:
+        raise ValueError(f"the persistor's model {path} needs a bundle_root")
+    configs = resolve_path(bundle_root) / "configs"
+    if not configs.is_dir():
+        raise DataError(configs.parent, f"no MONAI bundle here (no configs/ folder); the persistor's model names bundle_root {bundle_root}")
+    for name in args.get("config_files") or ["train.json"]:
+        if not (configs / name).is_file():
+            raise DataError(configs / name, f"the persistor's model names config file {name}, which bundle {bundle_root} does not have")
+
+
 class TrainableModelPersistor(PTFileModelPersistor):
     """Keeps the full model on disk but hands the workflow only what travels (:mod:`fedfms.fl.exchange`).
 
@@ -63,6 +84,15 @@ class TrainableModelPersistor(PTFileModelPersistor):
             Relative paths: see :mod:`fedfms.paths`. None starts from the bundle's initial network.
         norm_statistics: ``global`` (normalisation statistics travel) or ``local`` (FedBN).
         kwargs: ``PTFileModelPersistor`` arguments (``model``, file names, ...).
+
+    The shipped jobs give ``model`` as ``{"path": "fedfms.bundle.bundle_network", "args": {...},
+    "config_type": "dict"}``: NVFlare's component builder then leaves the dict alone and
+    ``PTFileModelPersistor`` builds the network when the run starts (``START_RUN``). Building it
+    there, not while the server reads its configuration, lets the simulator start the sites'
+    processes while the server imports MONAI and builds the network (the simulator starts no site
+    before the server app is up). Such a deferred model must be one of :data:`DEFERRED_MODELS`
+    (NVFlare's class allow-list does not see it), and its bundle is looked up now, so a wrong
+    ``bundle_root`` or config file is still an error when the job starts.
     """
 
     def __init__(self, *args, resume_from: str | None = None, norm_statistics: str = "global", **kwargs) -> None:
@@ -70,6 +100,8 @@ class TrainableModelPersistor(PTFileModelPersistor):
         if resume_from:
             read_resume_model(resume_from)  # a bad file is an error now, naming it, not at round 0
             kwargs["source_ckpt_file_full_name"] = str(resume_folder(resume_from) / GLOBAL_MODEL)
+        if isinstance(kwargs.get("model"), dict):
+            check_deferred_model(kwargs["model"])
         super().__init__(*args, **kwargs)
         exchanged_keys(nn.Identity(), norm_statistics)  # validates the option
         self.norm_statistics = norm_statistics

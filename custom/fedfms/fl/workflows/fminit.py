@@ -43,7 +43,8 @@ class FMInstructedInit(ModelController):
         dataset_dir, datalist_dir: the prepared data and the partition whose ``server_proxy.json`` is read.
         teacher: :class:`~fedfms.distillation.TeacherSpec` fields: ``kind`` (``litemedsam``,
             ``sam_med2d``, ``sam``), ``checkpoint`` (a local path; LiteMedSAM's is packaged),
-            ``size``, ``image_size``, ``box_jitter``, ``seed``.
+            ``size``, ``image_size``, ``box_jitter``, ``seed``, ``precision`` (``auto``, the default:
+            bf16 where the server's CPU computes it natively, else ``float32``; or either by name).
         epochs, learning_rate, alpha, batch_size, seed: the pre-stage's training.
         cache_dir: where the teacher's logits are cached; default ``<dataset_dir>/teacher_cache``.
 
