@@ -363,7 +363,7 @@ def _add_experiment(commands: argparse._SubParsersAction) -> None:
         help="run an experiment file (methods x local/centralized/federated/loso, one cell at a time) and write the papers' tables and figures",
         epilog="Exit codes: 0 every cell ok; 2 bad experiment file or arguments; 4 some cell failed (its reason is in its result.json).",
     )
-    p.add_argument("config", help="an experiment file (YAML or JSON), or a shipped one: algorithms, cpu, compression, flapsam, fminit, paper")
+    p.add_argument("config", help="an experiment file (YAML or JSON), or a shipped one: algorithms, amp, cpu, compression, flapsam, fminit, paper")
     p.add_argument("--out", help="output folder (default: the file's `out`, else experiments/<name>)")
     p.add_argument("--report", action="store_true", help="run nothing: write the tables and figures of the cells finished so far")
     p.add_argument("--list", action="store_true", help="run nothing: list the cells and their state (done, failed, changed, pending)")

@@ -32,7 +32,7 @@ def prepared_folder(tmp_path) -> str:
 
 
 def test_shipped_configs_load():
-    assert shipped_configs() == ["algorithms", "compression", "cpu", "flapsam", "fminit", "paper"]
+    assert shipped_configs() == ["algorithms", "amp", "compression", "cpu", "flapsam", "fminit", "paper"]
     cpu = load_config("cpu")
     assert cpu.profile == "cpu_demo" and cpu.config_files == ("train.json", "cpu_demo.json") and cpu.device == "cpu"
     names = [m.name for m in cpu.methods]

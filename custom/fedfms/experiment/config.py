@@ -63,7 +63,7 @@ from fedfms.paths import resolve_path
 SETTINGS = ("local", "centralized", "federated", "loso")
 FEDERATED_SETTINGS = ("federated", "loso")
 PROFILES = {"cpu_demo": ("train.json", "cpu_demo.json"), "paper": ("train.json",)}  # profile -> bundle configs
-CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped experiments: algorithms, cpu, compression, flapsam, fminit, paper
+CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped experiments: algorithms, amp, cpu, compression, flapsam, fminit, paper
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SAM_MODELS = ("sam", "flapsam")
 # Bundle -> its federated job (jobs/<name>).
@@ -293,7 +293,7 @@ def shipped_configs() -> list[str]:
 
 
 def find_config(config: str | os.PathLike) -> Path:
-    """The experiment file ``config`` names: a path, or the name of a shipped experiment (algorithms, cpu, compression, flapsam, fminit, paper)."""
+    """The experiment file ``config`` names: a path, or the name of a shipped experiment (algorithms, amp, cpu, compression, flapsam, fminit, paper)."""
     path = Path(config)
     if path.is_file():
         return path
