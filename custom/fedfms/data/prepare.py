@@ -259,6 +259,10 @@ class Preparer:
         self.out = Path(out)
         self.options = options
         self.log = log
+        # The chains are built once per run: MONAI's config parser looks every _target_ up by scanning
+        # modules, which cost more than the volumes' whole computation when done for each case.
+        self._volume_chains: dict[int | None, Compose] = {}
+        self._slice_chains: dict[tuple[str | None, bool], Compose] = {}
 
     def run(self) -> PrepareResult:
         records = self._records()
@@ -333,7 +337,9 @@ class Preparer:
         label = load_volume(record.label) if record.label else None
         check_case(record, image, label, self.options.num_classes if self.options.multi_class else None)
         try:
-            return volume_transform(self.options, record.channel)({"image": image, "label": label})
+            if record.channel not in self._volume_chains:
+                self._volume_chains[record.channel] = volume_transform(self.options, record.channel)
+            return self._volume_chains[record.channel]({"image": image, "label": label})
         except RuntimeError as err:  # MONAI's Compose wraps the failing transform's error
             raise DataError(record.image, f"cannot be preprocessed: {err.__cause__ or err}") from err
 
@@ -357,6 +363,13 @@ class Preparer:
         if missing:
             raise DataError(self.src, f"z-score needs training volumes, none usable for site(s) {', '.join(missing)}")
         return stats
+
+    def _slice_chain(self, site: str | None, stats: SiteStats | None, keep_image_size: bool) -> Compose:
+        """The slice chain for a site's statistics (z-score) and image store, built on first use."""
+        key = (site, keep_image_size)
+        if key not in self._slice_chains:
+            self._slice_chains[key] = slice_transform(self.options, stats, keep_image_size)
+        return self._slice_chains[key]
 
     def _fingerprint(self, record: CaseRecord, stats: SiteStats | None) -> str:
         sources = [record.image, record.label]
@@ -383,7 +396,7 @@ class Preparer:
             manifest_path.unlink()  # stale: nothing may trust the old samples from here on
         volumes = self._load(record)
         attributes = _case_attributes(volumes)
-        samples = slice_transform(self.options, stats, stores_compact(self.options, volumes["image"]))(volumes)
+        samples = self._slice_chain(record.site if stats else None, stats, stores_compact(self.options, volumes["image"]))(volumes)
         self._remove_case_samples(record)
         written, writes = self._write_samples(record, samples, writers)
         manifest = {
