@@ -160,7 +160,7 @@ def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"no experiment file here, and not a shipped experiment \(algorithms, compression, cpu, flapsam, fminit, paper\)") as error:
+    with pytest.raises(ConfigError, match=r"no experiment file here, and not a shipped experiment \(algorithms, amp, compression, cpu, flapsam, fminit, paper\)") as error:
         load_config(tmp_path / "missing.yaml")
     assert error.value.path == str(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not a shipped experiment"):
