@@ -92,3 +92,8 @@ def test_missing_teacher_checkpoint_is_named(proxy_data, tmp_path):
     with pytest.raises(ValueError, match="needs a local checkpoint path"):
         TeacherSpec(kind="sam_med2d")
     assert TeacherSpec().checkpoint_path().name == "lite_medsam.pth"  # LiteMedSAM's ships with its package
+
+
+def test_an_unknown_teacher_precision_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="unknown teacher precision 'half'; expected auto or one of float32, bfloat16"):
+        TeacherSpec(precision="half")

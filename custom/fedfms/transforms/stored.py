@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import MapTransform, Resize
 
 RECORD = "prepare.json"
@@ -58,8 +57,7 @@ def load_prepared_image(path: str | os.PathLike) -> np.ndarray:
     image = np.load(path)
     if image.ndim != 3:
         return image  # the callers' own checks name the problem
-    restored = restore_prepared_size(torch.from_numpy(image.astype(np.float32, copy=False)), path)
-    return restored.numpy() if isinstance(restored, torch.Tensor) else restored
+    return restore_prepared_size(torch.from_numpy(image.astype(np.float32, copy=False)), path).numpy()
 
 
 class RestorePreparedSized(MapTransform):
@@ -68,9 +66,6 @@ class RestorePreparedSized(MapTransform):
     Place it right after ``LoadImaged`` and ``EnsureChannelFirstd``: the file a sample came from is
     read from its ``filename_or_obj`` metadata, which ``LoadImaged`` sets.
     """
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
